@@ -1,0 +1,141 @@
+"""The Attacker Pool: the tasks MID trains on, the per-step meta-train / held-out split, and crafting.
+
+Default = the official MNIST training pool with the clean batch as a task ("addclean"):
+    ("clean", "pgd40", "pgd40_t0", "mim40", "mim40_t0")
+Every step the pool picks one held-out (meta-test) task uniformly and `num_meta_train` meta-train
+tasks (default: all the others), deterministically in (seed, step). Only graph-safe attacks are
+allowed (they run inside the training step's `tf.function` and `strategy.run`); CW, SPSA and ART
+attacks are refused with a message.
+
+Use in a MID train step (inside tf.function, per replica under strategy.run):
+
+    tasks = pool.craft_all(target_fn, x, y, step)        # [T, B, H, W, C], tf.stop_gradient'ed
+    meta_train_idx, held_out = pool.sample_tf(step)       # int32 [k], int32 scalar
+    x_meta_train = tf.gather(tasks, meta_train_idx)       # [k, B, H, W, C]
+    x_held_out = tf.gather(tasks, held_out)               # [B, H, W, C]
+
+`step` may be a Python int or an integer tensor (e.g. `optimizer.iterations`). The sampling does not
+depend on the replica, so every replica holds out the same task; the attack seeds fold in the replica
+id (auto-detected from the replica context, or `replica_id=`), so replicas draw distinct random
+starts and `craft_all(..., replica_id=k)` on shard k eagerly reproduces replica k exactly.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from mid_tf.attacks import batched, registry
+from mid_tf.attacks.cleverhans_compat import fold
+
+OFFICIAL_MNIST_POOL = ("clean", "pgd40", "pgd40_t0", "mim40", "mim40_t0")
+_SAMPLE_STREAM, _CRAFT_STREAM = 1, 2
+
+
+class AttackPool:
+    """Tasks (registry names/specs), a seed, and how many meta-train tasks to draw per step."""
+
+    def __init__(self, names=OFFICIAL_MNIST_POOL, seed: int = 0, num_meta_train: int | None = None,
+                 batched_runner: bool | None = None, registry_dict: dict | None = None):
+        if isinstance(names, str):
+            self.specs = registry.parse_attack_list(names, registry_dict)
+        else:
+            self.specs = [registry.get_spec(n, registry_dict) for n in names]
+        if len(self.specs) < 2:
+            raise ValueError(f"a pool needs >= 2 tasks (meta-train + held-out), got {[s.name for s in self.specs]}")
+        names_seen = [s.name for s in self.specs]
+        if len(set(names_seen)) != len(names_seen):
+            raise ValueError(f"duplicate tasks in pool: {names_seen}")
+        bad = [s.name for s in self.specs if not s.graph_safe]
+        if bad:
+            ok = sorted(n for n, s in registry.REGISTRY.items() if s.graph_safe)
+            raise ValueError(f"attacks {bad} are eager-only (CW-L2, SPSA and ART attacks cannot run inside the "
+                             f"tf.function training step); use them for evaluation. Graph-safe attacks: {ok}")
+        k = len(self.specs) - 1 if num_meta_train is None else int(num_meta_train)
+        if not 1 <= k <= len(self.specs) - 1:
+            raise ValueError(f"num_meta_train must be in [1, {len(self.specs) - 1}] for {len(self.specs)} tasks, got {k}")
+        if batched_runner is None:  # measured: no gain on CPU (a 4x batch costs >= 4x there), see docs
+            batched_runner = bool(tf.config.list_physical_devices("GPU"))
+        self.seed, self.num_meta_train, self.batched_runner = int(seed), k, bool(batched_runner)
+        self._fns = [registry.make_attack(s) for s in self.specs]
+
+    @property
+    def names(self) -> tuple:
+        return tuple(s.name for s in self.specs)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.specs)
+
+    # ------------------------------------------------------------ sampling
+    def sample_tf(self, step):
+        """Graph-safe: (meta_train_idx int32 [num_meta_train] sorted, held_out int32 []) from (seed, step)."""
+        s = fold(tf.constant([self.seed, _SAMPLE_STREAM], tf.int64), tf.cast(step, tf.int64))
+        perm = tf.argsort(tf.random.stateless_uniform([self.num_tasks], s), stable=True)
+        perm = tf.cast(perm, tf.int32)
+        return tf.sort(perm[1:1 + self.num_meta_train]), perm[0]
+
+    def sample(self, step: int) -> tuple[tuple[int, ...], int]:
+        """Eager/Python twin of `sample_tf` (same values): (meta_train indices, held-out index)."""
+        mt, ho = self.sample_tf(step)
+        return tuple(int(i) for i in mt.numpy()), int(ho.numpy())
+
+    # ------------------------------------------------------------ crafting
+    def task_seed(self, step, task_index: int, replica_id=0):
+        return fold(tf.constant([self.seed, _CRAFT_STREAM], tf.int64), tf.cast(step, tf.int64),
+                    tf.cast(replica_id, tf.int64), task_index)
+
+    def craft_all(self, model_fn, x, y, step, replica_id=None) -> tf.Tensor:
+        """All task inputs stacked: [num_tasks, B, H, W, C] (task order = `names`), no gradient path.
+
+        `model_fn`: callable images -> logits (a Keras model is called with training=False). With
+        `batched_runner=True` (default when a GPU is visible) attacks sharing a step count run as one
+        batched loop (`batched.py`); otherwise the CleverHans functions run one after the other.
+        Both give identical results.
+        """
+        model_fn = as_model_fn(model_fn)
+        x = tf.convert_to_tensor(x, tf.float32)
+        if replica_id is None:
+            ctx = tf.distribute.get_replica_context()
+            replica_id = ctx.replica_id_in_sync_group if ctx is not None else 0
+        seeds = [self.task_seed(step, i, replica_id) for i in range(self.num_tasks)]
+        out = [None] * self.num_tasks
+        groups: dict = {}
+        for i, spec in enumerate(self.specs):
+            key = batched.batch_key(spec) if self.batched_runner else None
+            if spec.method == "clean":
+                out[i] = x
+            elif key is None:
+                out[i] = self._fns[i](model_fn, x, y, seed=seeds[i])
+            else:
+                groups.setdefault(key, []).append(i)
+        for idx in groups.values():
+            advs = batched.run_linf_group([self.specs[i] for i in idx], model_fn, x, y, [seeds[i] for i in idx])
+            for i, adv in zip(idx, advs):
+                out[i] = adv
+        return tf.stop_gradient(tf.stack(out, 0))
+
+    def split(self, tasks, step):
+        """(x_meta_train [k, B, ...], x_held_out [B, ...], meta_train_idx, held_out) for this step."""
+        mt, ho = self.sample_tf(step)
+        return tf.gather(tasks, mt), tf.gather(tasks, ho), mt, ho
+
+    def __repr__(self):
+        return f"AttackPool({list(self.names)}, seed={self.seed}, num_meta_train={self.num_meta_train})"
+
+
+_FN_CACHE: dict = {}
+
+
+def as_model_fn(model):
+    """A stable images->logits callable. Keras models are wrapped once (training=False) and cached,
+    because CleverHans' `compute_gradient` tf.function retraces for every new callable."""
+    import keras
+    if not isinstance(model, keras.Model):
+        return model
+    key = id(model)
+    hit = _FN_CACHE.get(key)
+    if hit is None or hit[0] is not model:
+        def logits(z, _m=model):
+            return _m(z, training=False)
+        _FN_CACHE[key] = hit = (model, logits)
+    return hit[1]

@@ -1,0 +1,187 @@
+"""Datasets by name: MNIST-style IDX files from a local directory, or any TFDS dataset.
+
+Resolution order for `load_split(name, split, data_dir)`:
+  1. `data_dir` (the `--data_dir` flag, else the `MID_DATA_DIR` environment variable) holding the
+     four IDX files (`train-images-idx3-ubyte[.gz]`, ...) -> read them directly (MNIST, Fashion-MNIST).
+  2. A prepared TFDS dataset in `data_dir` (or TFDS's default directory when no `data_dir` is given).
+  3. A TFDS download, only if `download=True` and the download host answers within a few seconds.
+Anything else raises `DataError` at once with a message naming `--data_dir`: TFDS itself would retry
+for minutes on a machine without network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import socket
+
+import numpy as np
+
+from mid_tf.data import idx
+
+DATA_DIR_ENV = "MID_DATA_DIR"
+
+# Name -> (height, width, channels, num_classes). Datasets mid_tf has model families for.
+DATASET_SHAPES = {
+    "mnist": (28, 28, 1, 10),
+    "fashion_mnist": (28, 28, 1, 10),
+    "cifar10": (32, 32, 3, 10),
+    "svhn_cropped": (32, 32, 3, 10),
+}
+_IDX_DATASETS = ("mnist", "fashion_mnist")
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_DOWNLOAD_PROBE = ("storage.googleapis.com", 443)
+
+
+class DataError(RuntimeError):
+    """Data that is missing, unreadable or inconsistent; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """An in-memory split: uint8 images [N, H, W, C] and int64 labels [N]."""
+    images: np.ndarray
+    labels: np.ndarray
+    source: str  # where it was read from, for the run summary
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def resolve_data_dir(data_dir: str | None) -> str | None:
+    """`--data_dir` if given, else `$MID_DATA_DIR`, else None (TFDS default directory)."""
+    if data_dir:
+        return os.path.expanduser(data_dir)
+    env = os.environ.get(DATA_DIR_ENV)
+    return os.path.expanduser(env) if env else None
+
+
+def _find_idx(data_dir: str, stem: str) -> str | None:
+    for candidate in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        path = os.path.join(data_dir, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _load_idx_split(data_dir: str, split: str) -> Split | None:
+    stems = _IDX_FILES[split]
+    paths = [_find_idx(data_dir, s) for s in stems]
+    if not any(paths):
+        return None
+    if not all(paths):
+        missing = [s for s, p in zip(stems, paths) if p is None]
+        raise DataError(f"{data_dir} has only part of the IDX files: missing {missing}[.gz]. "
+                        "Point --data_dir (or MID_DATA_DIR) at a directory with all four files.")
+    try:
+        images, labels = idx.read_idx(paths[0]), idx.read_idx(paths[1])
+    except idx.IdxError as e:
+        raise DataError(f"{e}. Replace the file or point --data_dir at a good copy.") from e
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise DataError(f"{paths[0]} / {paths[1]}: shapes {images.shape} and {labels.shape} do not "
+                        "form an image/label pair")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{paths[1]}: labels outside 0..9")
+    return Split(images[..., None].astype(np.uint8), labels.astype(np.int64), source=f"idx:{data_dir}")
+
+
+def _network_reachable(timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(_DOWNLOAD_PROBE, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _missing_data_message(name: str, data_dir: str | None, why: str) -> str:
+    where = data_dir or "TFDS's default directory (~/tensorflow_datasets)"
+    hint = (" For MNIST, put the four IDX files (train-images-idx3-ubyte.gz, ...) in a directory and pass"
+            " it." if name in _IDX_DATASETS else "")
+    return (f"Dataset '{name}' not found in {where} and {why}. Pass --data_dir=DIR (or set {DATA_DIR_ENV}) "
+            f"pointing at a directory with the data (IDX files or a prepared TFDS dataset), or run once with "
+            f"network access and --download.{hint}")
+
+
+def _load_tfds_split(name: str, split: str, data_dir: str | None, download: bool) -> Split:
+    import tensorflow_datasets as tfds  # imported lazily: slow import, only needed here
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # unknown name, bad directory
+        raise DataError(f"TFDS cannot build dataset '{name}': {e}") from e
+    if not builder.is_prepared():
+        if not download:
+            raise DataError(_missing_data_message(name, data_dir, "--download is off"))
+        if not _network_reachable():
+            raise DataError(_missing_data_message(name, data_dir, "the download host cannot be reached"))
+        builder.download_and_prepare()
+    ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False).batch(4096)
+    images, labels = [], []
+    for x, y in tfds.as_numpy(ds):
+        images.append(x)
+        labels.append(y)
+    if not images:
+        raise DataError(f"TFDS dataset '{name}' split '{split}' is empty in {data_dir or 'the default directory'}")
+    return Split(np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int64),
+                 source=f"tfds:{name}")
+
+
+def _tfds_default_dir() -> str:
+    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def preflight(name: str, data_dir: str | None = None, download: bool = False) -> None:
+    """Fails in milliseconds, before TensorFlow is even imported, when the data cannot be found.
+
+    Checks only for presence (IDX files, or a prepared TFDS dataset's dataset_info.json); reading
+    and validating happens in `load_split`.
+    """
+    if name not in DATASET_SHAPES:
+        raise DataError(f"unknown dataset '{name}'; choose one of {sorted(DATASET_SHAPES)}")
+    data_dir = resolve_data_dir(data_dir)
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir / {DATA_DIR_ENV} = {data_dir} is not a directory. Point it at the "
+                        "directory holding the dataset.")
+    if data_dir is not None and name in _IDX_DATASETS and any(
+            _find_idx(data_dir, s) for stems in _IDX_FILES.values() for s in stems):
+        return
+    root = data_dir or _tfds_default_dir()
+    prepared = glob.glob(os.path.join(root, name, "*", "dataset_info.json")) + glob.glob(
+        os.path.join(root, name, "*", "*", "dataset_info.json"))
+    if prepared:
+        return
+    if not download:
+        raise DataError(_missing_data_message(name, data_dir, "--download is off"))
+    if not _network_reachable():
+        raise DataError(_missing_data_message(name, data_dir, "the download host cannot be reached"))
+
+
+def load_split(name: str, split: str, data_dir: str | None = None, *, download: bool = False,
+               limit: int | None = None) -> Split:
+    """Loads `split` ('train' or 'test') of dataset `name`, optionally only the first `limit` examples."""
+    if name not in DATASET_SHAPES:
+        raise DataError(f"unknown dataset '{name}'; choose one of {sorted(DATASET_SHAPES)}")
+    if split not in _IDX_FILES:
+        raise DataError(f"unknown split '{split}'; use 'train' or 'test'")
+    data_dir = resolve_data_dir(data_dir)
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir / {DATA_DIR_ENV} = {data_dir} is not a directory. Point it at the "
+                        "directory holding the dataset.")
+    result = None
+    if data_dir is not None and name in _IDX_DATASETS:
+        result = _load_idx_split(data_dir, split)
+    if result is None:
+        result = _load_tfds_split(name, split, data_dir, download)
+    h, w, c, _ = DATASET_SHAPES[name]
+    if result.images.shape[1:] != (h, w, c):
+        raise DataError(f"{result.source}: images have shape {result.images.shape[1:]}, expected {(h, w, c)} "
+                        f"for '{name}'")
+    if limit is not None:
+        if limit <= 0:
+            raise DataError(f"example limit must be positive, got {limit}")
+        result = Split(result.images[:limit], result.labels[:limit], result.source)
+    return result

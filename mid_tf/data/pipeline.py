@@ -1,0 +1,52 @@
+"""tf.data pipelines over in-memory splits.
+
+Training streams are built over a shuffled, repeated *index* stream: with a fixed seed the order of
+every epoch is fixed, so a resumed run can `skip` to global batch N cheaply and see exactly the
+batches it would have seen had it never stopped. Pixels become float32 in [0, 1] in the pipeline.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from mid_tf.data.datasets import Split
+
+
+def _to_float(images):
+    return tf.cast(images, tf.float32) / 255.0
+
+
+def train_stream(split: Split, batch_size: int, seed: int, start_batch: int = 0, extra=None) -> tf.data.Dataset:
+    """Infinite stream of (image, label) batches, reshuffled each epoch, starting at `start_batch`.
+
+    `extra` (an array with the split's examples on axis 0, e.g. cached adversarial tasks) is
+    gathered alongside: the stream then yields (image, label, extra).
+    """
+    n = len(split)
+    if batch_size > n:
+        raise ValueError(f"batch size {batch_size} exceeds the {n} training examples; lower --batch_size "
+                         "or raise --train_examples")
+    images = tf.constant(split.images)
+    labels = tf.constant(split.labels)
+    ds = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+    # Epochs are `n // batch_size` full batches; the stream is continuous across epochs.
+    ds = ds.skip(start_batch * batch_size).batch(batch_size, drop_remainder=True)
+    if extra is None:
+        ds = ds.map(lambda i: (_to_float(tf.gather(images, i)), tf.gather(labels, i)),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        extra = tf.constant(extra)
+        ds = ds.map(lambda i: (_to_float(tf.gather(images, i)), tf.gather(labels, i), tf.gather(extra, i)),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(split: Split, batch_size: int) -> tf.data.Dataset:
+    """Finite, ordered dataset of (image, label) batches, cached after the first pass."""
+    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels)).batch(batch_size)
+    ds = ds.map(lambda x, y: (_to_float(x), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.cache().prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(split: Split, batch_size: int) -> int:
+    return max(1, len(split) // batch_size)

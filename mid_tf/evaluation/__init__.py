@@ -1,0 +1,1 @@
+"""Evaluation: robust accuracy under attacks in two threat models (transfer, white-box)."""

@@ -1,0 +1,94 @@
+"""Builds every network MID needs for a dataset, and composes the deployed pipelines.
+
+`build_models(dataset)` returns an `MIDModels`: the undefended target, the teacher's encoder E_t,
+decoder D_t and classifier head C, and the student encoder E_s (E_t's architecture, its own random
+init as in the official code). Composition helpers:
+  build_pipeline(E, C)        x -> C(E(x)) logits        (the deployed classifier when E = E_s)
+  build_regenerator(E, D)     x -> D(E(x)) image         (robust regeneration when E = E_s)
+  build_autoencoder(E, D, C)  x -> {logits, reconstruction}   (stage-1 teacher training)
+The decoder always decodes with the indices of the encoder it is composed with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+
+from mid_tf.models import lenet, resnet
+
+# dataset -> (family module, input shape, classes)
+_FAMILIES = {
+    "mnist": (lenet, (28, 28, 1), 10),
+    "fashion_mnist": (lenet, (28, 28, 1), 10),
+    "cifar10": (resnet, (32, 32, 3), 10),
+    "svhn_cropped": (resnet, (32, 32, 3), 10),
+}
+
+
+@dataclasses.dataclass
+class MIDModels:
+    target: keras.Model
+    teacher_encoder: keras.Model
+    decoder: keras.Model
+    classifier: keras.Model
+    student_encoder: keras.Model
+    input_shape: tuple
+    num_classes: int
+
+
+def family_for(dataset: str):
+    if dataset not in _FAMILIES:
+        raise ValueError(f"no model family for dataset '{dataset}'; known: {sorted(_FAMILIES)}")
+    return _FAMILIES[dataset]
+
+
+def build_models(dataset: str = "mnist", width: float = 1.0, student_width: float | None = None) -> MIDModels:
+    """All MID networks for `dataset`. `width` scales channels (tests use small widths).
+
+    `student_width` may differ from the teacher's only if the feature shapes still match (they do
+    not for LeNet: the classifier and decoder are built for the teacher's feature shape).
+    """
+    module, shape, classes = family_for(dataset)
+    student_width = width if student_width is None else student_width
+    return MIDModels(
+        target=module.build_target(shape, classes, width=width, name="target"),
+        teacher_encoder=module.build_encoder(shape, width=width, name="teacher_encoder"),
+        decoder=module.build_decoder(shape, width=width, name="teacher_decoder"),
+        classifier=module.build_classifier(shape, classes, width=width, name="teacher_classifier"),
+        student_encoder=module.build_encoder(shape, width=student_width, name="student_encoder"),
+        input_shape=shape,
+        num_classes=classes,
+    )
+
+
+def encode(encoder: keras.Model, x, training: bool = False):
+    """Runs an encoder; returns `(features, indices)` (indices: list, empty for the ResNet family)."""
+    out = encoder(x, training=training)
+    return out["features"], list(out["indices"])
+
+
+def decode(decoder: keras.Model, features, indices, training: bool = False):
+    return decoder([features, *indices], training=training)
+
+
+def build_pipeline(encoder: keras.Model, classifier: keras.Model, name: str = "pipeline") -> keras.Model:
+    """x -> C(E(x)) logits, as one Keras model (used for attacks, evaluation and export)."""
+    x = keras.Input(encoder.input_shape[1:], name="image")
+    return keras.Model(x, classifier(encoder(x)["features"]), name=name)
+
+
+def build_regenerator(encoder: keras.Model, decoder: keras.Model, name: str = "regenerator") -> keras.Model:
+    """x -> D(E(x)): the decoder uses the pooling indices of this encoder."""
+    x = keras.Input(encoder.input_shape[1:], name="image")
+    out = encoder(x)
+    return keras.Model(x, decoder([out["features"], *out["indices"]]), name=name)
+
+
+def build_autoencoder(encoder: keras.Model, decoder: keras.Model, classifier: keras.Model,
+                      name: str = "teacher") -> keras.Model:
+    """x -> {logits: C(E(x)), reconstruction: D(E(x))}: the stage-1 teacher."""
+    x = keras.Input(encoder.input_shape[1:], name="image")
+    out = encoder(x)
+    return keras.Model(x, {"logits": classifier(out["features"]),
+                           "reconstruction": decoder([out["features"], *out["indices"]])}, name=name)

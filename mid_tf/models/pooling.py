@@ -1,0 +1,52 @@
+"""2x2 max pooling that also returns where the maxima were, and the matching max-unpooling.
+
+The official decoder (PyTorch `MaxUnpool2d`) puts each feature back where the encoder's max was,
+so reconstruction keeps the spatial detail pooling threw away. We carry the pooling "indices" as a
+0/1 switch mask at the input resolution (`x == upsample(maxpool(x))`) rather than as PyTorch's
+flat int indices: the pooling itself stays TF's native `max_pool2d` (fast on CPU, with first and
+second-order gradients: the MID meta step differentiates through the decoder twice), unpooling is
+a broadcast and a multiply (any-order differentiable, batch-independent, valid under any
+distribution strategy), and the mask carries no gradient, as indices do not. A window whose
+maximum is tied between several positive entries (measure zero for real-valued activations; the
+all-zero windows after ReLU unpool to zero either way) routes the value to each tied position.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+
+def upsample2x(x):
+    """Nearest-neighbour 2x upsampling by broadcasting: [B,h,w,C] -> [B,2h,2w,C]."""
+    _, h, w, c = x.shape
+    x = ops.broadcast_to(ops.reshape(x, (-1, h, 1, w, 1, c)), (ops.shape(x)[0], h, 2, w, 2, c))
+    return ops.reshape(x, (-1, 2 * h, 2 * w, c))
+
+
+@keras.saving.register_keras_serializable(package="mid_tf")
+class MaxPoolWithIndices(keras.layers.Layer):
+    """2x2/stride-2 max pooling returning `(pooled, switches)`; switches is a float 0/1 mask [B,H,W,C]."""
+
+    def compute_output_spec(self, x):
+        b, h, w, c = x.shape
+        return (keras.KerasTensor((b, h // 2, w // 2, c), dtype=x.dtype), keras.KerasTensor(x.shape, dtype=x.dtype))
+
+    def call(self, x):
+        _, h, w, _ = x.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"MaxPoolWithIndices needs even spatial dims, got {h}x{w}")
+        pooled = ops.max_pool(x, pool_size=2, strides=2, padding="valid")
+        switches = ops.stop_gradient(ops.cast(ops.equal(x, upsample2x(pooled)), x.dtype))
+        return pooled, switches
+
+
+@keras.saving.register_keras_serializable(package="mid_tf")
+class MaxUnpool(keras.layers.Layer):
+    """Inverse of `MaxPoolWithIndices`: `[B,h,w,C]` values + switches -> `[B,2h,2w,C]`, zeros elsewhere."""
+
+    def compute_output_spec(self, x, switches):
+        return keras.KerasTensor(switches.shape, dtype=x.dtype)
+
+    def call(self, x, switches):
+        return upsample2x(x) * switches

@@ -1,0 +1,182 @@
+"""The MID meta-learner: a `keras.Model` whose `train_step` is one step of Meta Invariance Defense.
+
+Read it against the pseudo-code of mid-method.md §1.6 — same order, same names:
+
+    f_t     = E_t(x)                                   teacher's clean features (frozen, no grad)
+    tasks   = {x} ∪ {A(x) : A in Attacker Pool}        crafted on the target or on C(E_s(·))
+    S, u    = pool split: meta-train tasks, held-out task
+    L(θ, x~) = w_LC·CE(C(E_s(x~;θ)), y) + w_AC·KL(sm f_t ‖ sm E_s(x~;θ)) + w_CC·KL(sm f_t ‖ sm E_t(D_t(E_s(x~;θ))))
+    L_train = Σ_{s∈S} L(θ, s)
+    θ'      = θ − α ∇θ L_train                          inner step, graph kept (second order)
+    L_test  = L(θ', u)                                  meta-test on the held-out attack, at θ'
+    θ      ← Adam(θ, ∇θ (L_train + β·L_test))
+
+θ' is never assigned to variables: the student is run functionally with `stateless_call`, so the
+outer tape differentiates through the inner gradient (Hessian-vector products, never a Hessian).
+`meta_order=1` stops the gradient through ∇θ L_train (first-order MAML/MLDG approximation).
+Only E_s is trainable; E_t, D_t, C and the target are frozen by construction (`trainable=False`).
+Under a distribution strategy each replica adapts on its shard; with `sync_inner_gradient` the
+inner gradient is all-reduced (mean) so θ' equals the single-device θ' of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from mid_tf.training.losses import LossWeights, multi_consistency
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+    alpha: float = 1e-4                  # inner (meta-train) step size; official 1e-4
+    beta: float = 1.0                    # weight of the meta-test loss; official 1
+    meta_order: int = 2                  # 2 = exact second order, 1 = first-order approximation
+    train_weights: LossWeights = LossWeights(1.0, 1.5, 0.8)   # official meta-train weights
+    test_weights: LossWeights = LossWeights(1.0, 1.0, 1.0)    # official meta-test weights
+    softmax_axis: int = -1               # feature softmax axis: -1 = channels (official)
+    attack_source: str = "target"        # target (paper's transfer protocol) | student (white-box)
+    sync_inner_gradient: bool = True     # all-reduce the inner gradient across replicas
+
+    def validate(self) -> "MetaConfig":
+        if self.meta_order not in (1, 2):
+            raise ValueError(f"--meta_order must be 1 or 2, got {self.meta_order}")
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"--meta_alpha and --meta_beta must be >= 0, got {self.alpha}, {self.beta}")
+        if self.attack_source not in ("target", "student"):
+            raise ValueError(f"--attack_source must be target or student, got {self.attack_source}")
+        self.train_weights.validate("--meta_train_weights")
+        self.test_weights.validate("--meta_test_weights")
+        return self
+
+
+class MetaInvarianceDefense(keras.Model):
+    """Holds the frozen teacher (E_t, D_t, C), the target, the trainable student E_s and the pool."""
+
+    def __init__(self, *, student_encoder, teacher_encoder, decoder, classifier, target, pool,
+                 config: MetaConfig = MetaConfig(), **kwargs):
+        super().__init__(**kwargs)
+        self.config = config.validate()
+        self.student_encoder = student_encoder
+        self.teacher_encoder, self.decoder, self.classifier, self.target = teacher_encoder, decoder, classifier, target
+        for frozen in (teacher_encoder, decoder, classifier, target):
+            frozen.trainable = False
+        self.pool = pool
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in (
+            "loss", "L_train", "L_test", "train_lc", "train_ac", "train_cc", "test_lc", "test_ac", "test_cc")}
+        self.held_out_tracker = keras.metrics.Mean(name="held_out")  # last step's held-out task (mean over an epoch)
+
+    # ----------------------------------------------------------------------------- inference
+    def call(self, x, training=False):
+        """The deployed classifier: C(E_s(x)) logits."""
+        return self.classifier(self.student_encoder(x, training=training)["features"], training=False)
+
+    def regenerate(self, x):
+        """Robust regeneration D_t(E_s(x)), with the student's pooling switches."""
+        out = self.student_encoder(x, training=False)
+        return self.decoder([out["features"], *out["indices"]], training=False)
+
+    @property
+    def metrics(self):
+        return [*self.trackers.values(), self.held_out_tracker]
+
+    # ----------------------------------------------------------------------------- the MID step
+    def _student(self, params, non_trainable, x):
+        """E_s(x; params) run functionally; returns (outputs, updated non-trainable state)."""
+        return self.student_encoder.stateless_call(params, non_trainable, x, training=True)
+
+    def _loss(self, params, non_trainable, x_in, f_t, y, weights):
+        """L(params, x_in): the multi-consistency loss of the student at `params` on one input batch."""
+        out, non_trainable = self._student(params, non_trainable, x_in)
+        terms = multi_consistency(out, f_t, y, classifier=self.classifier, decoder=self.decoder,
+                                  teacher_encoder=self.teacher_encoder, weights=weights,
+                                  softmax_axis=self.config.softmax_axis)
+        return terms, non_trainable
+
+    def _attack_source(self):
+        if self.config.attack_source == "target":
+            return self.target
+        return lambda x: self(x, training=False)  # white-box: the current C(E_s(·))
+
+    def _prepare(self, x, y, step, tasks=None):
+        """Tasks for this step: meta-train batch (k tasks as one batch of k·B), held-out batch, f_t.
+
+        `tasks` [T, B, H, W, C] may come precomputed (the attack cache of the transfer protocol);
+        otherwise the pool crafts the clean batch and its attacks on the chosen source, here.
+        """
+        if tasks is None:
+            tasks = self.pool.craft_all(self._attack_source(), x, y, step)
+        tasks = tf.stop_gradient(tasks)  # [T, B, H, W, C]: no gradient path into the attacks
+        meta_train_idx, held_out = self.pool.sample_tf(step)
+        k = tf.shape(meta_train_idx)[0]
+        # Σ_{s∈S} L(θ, s) = k · L(θ, concat(S)), since every term is a mean over its batch.
+        x_train = tf.reshape(tf.gather(tasks, meta_train_idx), tf.concat([[-1], tf.shape(x)[1:]], 0))
+        f_t = tf.stop_gradient(self.teacher_encoder(x, training=False)["features"])
+        return dict(x_train=x_train, y_train=tf.tile(y, [k]), x_test=tf.gather(tasks, held_out), y=y, f_t=f_t,
+                    f_t_train=tf.tile(f_t, tf.concat([[k], tf.ones([tf.rank(f_t) - 1], tf.int32)], 0)),
+                    k=tf.cast(k, x.dtype), held_out=held_out)
+
+    def _meta_objective(self, theta, state, batch):
+        """J(θ) = L_train(θ) + β · L_test(θ − α ∇θ L_train(θ)), with θ given as tensors."""
+        cfg = self.config
+        with tf.GradientTape() as inner:
+            inner.watch(theta)
+            train_terms, state_after = self._loss(theta, state, batch["x_train"], batch["f_t_train"],
+                                                  batch["y_train"], cfg.train_weights)
+            L_train = batch["k"] * train_terms["total"]
+        grad_train = inner.gradient(L_train, theta)  # recorded by the caller's tape: second order kept
+        if tf.distribute.get_strategy().num_replicas_in_sync > 1 and cfg.sync_inner_gradient:
+            grad_train = tf.distribute.get_replica_context().all_reduce("mean", grad_train)
+        if cfg.meta_order == 1:
+            grad_train = [tf.stop_gradient(g) for g in grad_train]
+        theta_prime = [w - cfg.alpha * g for w, g in zip(theta, grad_train)]  # never assigned to variables
+        test_terms, _ = self._loss(theta_prime, state_after, batch["x_test"], batch["f_t"], batch["y"],
+                                   cfg.test_weights)
+        L_test = test_terms["total"]
+        logs = {"L_train": L_train, "L_test": L_test,
+                "train_lc": train_terms["lc"], "train_ac": train_terms["ac"], "train_cc": train_terms["cc"],
+                "test_lc": test_terms["lc"], "test_ac": test_terms["ac"], "test_cc": test_terms["cc"]}
+        return L_train + cfg.beta * L_test, logs, state_after
+
+    def meta_objective(self, x, y, step, theta=None):
+        """J at `theta` (default: the current weights). For tests and diagnostics."""
+        theta = [v.value for v in self.student_encoder.trainable_variables] if theta is None else list(theta)
+        state = [v.value for v in self.student_encoder.non_trainable_variables]
+        return self._meta_objective(theta, state, self._prepare(x, y, step))[0]
+
+    def meta_gradients(self, x, y, step, tasks=None):
+        """(∇θ J, logs, new non-trainable state, held-out index) without applying anything."""
+        batch = self._prepare(x, y, step, tasks)
+        state = [v.value for v in self.student_encoder.non_trainable_variables]
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as outer:
+            theta = [v.value for v in self.student_encoder.trainable_variables]
+            outer.watch(theta)
+            total, logs, state_after = self._meta_objective(theta, state, batch)
+            scaled = total / replicas  # inside the tape: the optimizer all-reduce-sums gradients
+        logs["loss"] = total
+        return outer.gradient(scaled, theta), logs, state_after, batch["held_out"]
+
+    def train_step(self, data):
+        if len(data) == 3:  # (x, y, tasks [B, T, H, W, C]) from the attack cache
+            x, y, cached = data
+            tasks = tf.transpose(cached, tf.concat([[1, 0], tf.range(2, tf.rank(cached))], 0))
+        else:
+            (x, y), tasks = data, None
+        grads, logs, state_after, held_out = self.meta_gradients(x, y, self.optimizer.iterations, tasks)
+        self.optimizer.apply(grads, self.student_encoder.trainable_variables)
+        for var, value in zip(self.student_encoder.non_trainable_variables, state_after):
+            var.assign(value)  # BatchNorm moving statistics (ResNet family) from the θ pass
+        for name, value in logs.items():
+            self.trackers[name].update_state(value)
+        self.held_out_tracker.reset_state()
+        self.held_out_tracker.update_state(tf.cast(held_out, tf.float32))
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        x, y = data
+        logits = self(x, training=False)
+        acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1), tf.cast(y, tf.int64)), tf.float32))
+        return {"clean_accuracy": acc}

@@ -1,0 +1,210 @@
+"""The MID meta step: exact second-order gradient, frozen teacher, held-out task, white-box source, resume."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mid_tf.attacks.pool import AttackPool
+from mid_tf.models import build_models
+from mid_tf.training.losses import LossWeights
+from mid_tf.training.meta import MetaConfig, MetaInvarianceDefense
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class FixedPool:
+    """Deterministic stand-in tasks (smooth distortions of x) and a fixed held-out index."""
+
+    def __init__(self, num_tasks=3, held_out=1):
+        self.num_tasks, self.held_out, self.sources = num_tasks, held_out, []
+
+    def craft_all(self, model_fn, x, y, step):
+        self.sources.append(model_fn)
+        return tf.stack([x] + [tf.clip_by_value(x + 0.1 * (i + 1) * tf.sin(x * (i + 3)), 0, 1)
+                               for i in range(self.num_tasks - 1)])
+
+    def sample_tf(self, step):
+        idx = [i for i in range(self.num_tasks) if i != self.held_out]
+        return tf.constant(idx, tf.int32), tf.constant(self.held_out, tf.int32)
+
+
+def _mid(models, pool, **cfg):
+    return MetaInvarianceDefense(student_encoder=models.student_encoder, teacher_encoder=models.teacher_encoder,
+                                 decoder=models.decoder, classifier=models.classifier, target=models.target,
+                                 pool=pool, config=MetaConfig(**cfg))
+
+
+@pytest.fixture
+def float64():
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")  # Keras caches the global policy at first use
+    yield
+    keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
+
+
+def _directional(g, d):
+    return float(sum(tf.reduce_sum(gi * di) for gi, di in zip(g, d)))
+
+
+def test_outer_gradient_is_the_exact_second_order_derivative(float64):
+    keras.utils.set_random_seed(1)
+    models = build_models("mnist", width=0.125)
+    x = tf.random.uniform((4, 28, 28, 1), dtype=tf.float64)
+    y = tf.constant([1, 2, 3, 4])
+    second = _mid(models, FixedPool(), alpha=0.5, beta=1.0, meta_order=2)
+    first = _mid(models, FixedPool(), alpha=0.5, beta=1.0, meta_order=1)
+    g2, *_ = second.meta_gradients(x, y, 0)
+    g1, *_ = first.meta_gradients(x, y, 0)
+    theta = [v.value for v in models.student_encoder.trainable_variables]
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        d = [tf.constant(rng.standard_normal(t.shape)) for t in theta]
+        eps = 1e-6  # J(θ) = L_train(θ) + β L_test(θ − α∇L_train(θ)), central difference
+        jp = second.meta_objective(x, y, 0, [t + eps * di for t, di in zip(theta, d)])
+        jm = second.meta_objective(x, y, 0, [t - eps * di for t, di in zip(theta, d)])
+        fd = float(jp - jm) / (2 * eps)
+        assert abs(_directional(g2, d) - fd) <= 1e-6 * abs(fd)
+        assert abs(_directional(g1, d) - fd) > 1e-3 * abs(fd)  # the first-order approximation is not it
+
+
+def test_held_out_task_is_the_one_used_in_meta_test():
+    keras.utils.set_random_seed(2)
+    models = build_models("mnist", width=0.25)
+    x, y = tf.random.uniform((8, 28, 28, 1)), tf.constant(np.arange(8) % 10)
+    pool = FixedPool(num_tasks=4, held_out=2)
+    mid = _mid(models, pool, alpha=1e-3, test_weights=LossWeights(1.0, 1.0, 1.0))
+    _, logs, _, held = mid.meta_gradients(x, y, 0)
+    assert int(held) == 2
+    # Recompute L_test by hand at θ' on each candidate task: only task 2 matches.
+    batch = mid._prepare(x, y, 0)
+    tasks = pool.craft_all(None, x, y, 0)
+    theta = [v.value for v in models.student_encoder.trainable_variables]
+    with tf.GradientTape() as tape:
+        tape.watch(theta)
+        terms, _ = mid._loss(theta, [], batch["x_train"], batch["f_t_train"], batch["y_train"],
+                             mid.config.train_weights)
+        L_train = batch["k"] * terms["total"]
+    theta_p = [w - 1e-3 * g for w, g in zip(theta, tape.gradient(L_train, theta))]
+    by_task = [float(mid._loss(theta_p, [], tasks[t], batch["f_t"], y, mid.config.test_weights)[0]["total"])
+               for t in range(4)]
+    np.testing.assert_allclose(float(logs["L_test"]), by_task[2], rtol=1e-5)
+    assert all(abs(by_task[t] - by_task[2]) > 1e-6 for t in (0, 1, 3))
+    np.testing.assert_allclose(float(logs["L_train"]), float(L_train), rtol=1e-5)
+
+
+def _small_pool(seed=0):
+    return AttackPool("clean,fgsm,pgd40:nb_iter=3,eps_iter=0.1,mim40_t0:nb_iter=3,eps_iter=0.1", seed=seed)
+
+
+def test_teacher_and_target_stay_bit_identical_while_the_student_moves():
+    keras.utils.set_random_seed(3)
+    models = build_models("mnist", width=0.25)
+    frozen = {n: [w.numpy().copy() for w in getattr(models, n).weights]
+              for n in ("teacher_encoder", "decoder", "classifier", "target")}
+    student_before = [w.numpy().copy() for w in models.student_encoder.weights]
+    mid = _mid(models, _small_pool())
+    mid.compile(optimizer=keras.optimizers.Adam(1e-3))
+    x = np.random.default_rng(0).random((64, 28, 28, 1), dtype=np.float32)
+    y = np.arange(64) % 10
+    hist = mid.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert int(mid.optimizer.iterations.numpy()) == 4
+    assert np.isfinite(hist.history["loss"][-1])
+    assert mid.trainable_variables and all(
+        any(v is s for s in models.student_encoder.trainable_variables) for v in mid.trainable_variables)
+    for name, before in frozen.items():
+        for a, b in zip(before, getattr(models, name).weights):
+            np.testing.assert_array_equal(a, b.numpy())
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(student_before, models.student_encoder.weights))
+
+
+def test_whitebox_source_attacks_the_current_student():
+    keras.utils.set_random_seed(4)
+    models = build_models("mnist", width=0.25)
+    pool = _small_pool()
+    mid = _mid(models, pool, attack_source="student")
+    x = tf.random.uniform((16, 28, 28, 1))
+    y = tf.constant(np.arange(16) % 10)
+    source = mid._attack_source()
+    np.testing.assert_allclose(source(x), mid(x), atol=1e-6)  # the source is C(E_s(·)), not the target
+    assert not np.allclose(source(x), models.target(x), atol=1e-3)
+    before = pool.craft_all(source, x, y, 0)
+    models.student_encoder.set_weights([w * 1.5 for w in models.student_encoder.get_weights()])
+    after = pool.craft_all(mid._attack_source(), x, y, 0)  # same seed, other student weights
+    assert float(tf.reduce_max(tf.abs(before[2] - after[2]))) > 1e-3
+    mid.compile(optimizer=keras.optimizers.Adam(1e-3))
+    w0 = [w.copy() for w in models.student_encoder.get_weights()]
+    mid.fit(x.numpy(), y.numpy(), batch_size=8, epochs=1, verbose=0)
+    assert any(not np.allclose(a, b) for a, b in zip(w0, models.student_encoder.get_weights()))
+
+
+def _run_script(name, *args, timeout=420):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, name), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=os.path.dirname(HERE))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_mirrored_step_equals_single_device():
+    out = _run_script("distributed_meta_check.py", "mirrored")
+    assert "MIRRORED_OK" in out, out
+
+
+def test_multi_worker_keeps_workers_identical():
+    out = _run_script("distributed_meta_check.py", "multi_worker")
+    assert "MULTI_WORKER_OK" in out, out
+
+
+class _Kill(Exception):
+    pass
+
+
+class _KillAfter(keras.callbacks.Callback):
+    def __init__(self, steps):
+        super().__init__()
+        self.steps, self.seen = steps, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.steps:
+            raise _Kill()
+
+
+def test_mid_stage_resumes_after_a_kill(tmp_path, mnist_small):
+    from mid_tf.config import MIDStageConfig
+    from mid_tf.data import Split
+    from mid_tf.training.mid_stage import train_mid
+
+    train = Split(mnist_small[0].images[:256], mnist_small[0].labels[:256], "test")
+    cfg = MIDStageConfig(epochs=2, batch_size=64, learning_rate=1e-3, val_examples=0,
+                         pool="clean,fgsm,pgd40:nb_iter=2,eps_iter=0.15")  # 4 steps per epoch
+
+    def run(callbacks=()):
+        keras.utils.set_random_seed(5)
+        models = build_models("mnist", width=0.25)
+        mid, resumed = train_mid(models, train, cfg, seed=5, model_dir=str(tmp_path), checkpoint_every=2,
+                                 verbose=0, callbacks=callbacks)
+        return mid, resumed
+
+    with pytest.raises(_Kill):
+        run([_KillAfter(5)])
+    mid, resumed = run()
+    assert resumed == 4  # the checkpoint at step 4 (end of epoch 1), not a fresh start
+    assert int(mid.optimizer.iterations.numpy()) == 8
+
+
+def test_flagfiles_parse():
+    repo = os.path.dirname(HERE)
+    for flagfile in ("configs/mnist.flags",):
+        proc = subprocess.run([sys.executable, "-c", (
+            "import sys; sys.argv=['train.py', '--flagfile=%s']; import train; "
+            "from absl import flags; flags.FLAGS(sys.argv); cfg = train.build_config(); cfg.validate(); "
+            "print('STAGES', ','.join(cfg.stages), 'POOL', cfg.mid.pool)" % flagfile)],
+            cwd=repo, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "STAGES target,teacher,mid,eval" in proc.stdout, proc.stdout

@@ -1,0 +1,110 @@
+"""Stage 1 end to end on real MNIST, resumption after a kill, and the CLI's error paths."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from mid_tf import artifacts, stages
+from mid_tf.config import ConfigError, DataConfig, RunConfig, StageTrainConfig
+from mid_tf.models import build_models
+from mid_tf.training import stage1
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_stage1_end_to_end_on_real_mnist(tmp_path, mnist_data_dir):
+    cfg = RunConfig(model_dir=str(tmp_path / "run"), verbose=0, width=0.5,
+                    data=DataConfig(data_dir=mnist_data_dir, train_examples=6000, eval_examples=1000),
+                    target=StageTrainConfig(epochs=3, batch_size=64),
+                    teacher=StageTrainConfig(epochs=3, batch_size=64))
+    summary = stages.run(cfg)
+    target, teacher = summary["stages"]["target"], summary["stages"]["teacher"]
+    assert target["clean_accuracy"] >= 0.93
+    assert teacher["clean_accuracy"] >= 0.90
+    assert teacher["reconstruction_psnr_db"] >= 20.0
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["stages"]["teacher"]["clean_accuracy"] == teacher["clean_accuracy"]
+    assert on_disk["eval_examples"] == 1000 and on_disk["dataset"] == "mnist"
+    assert os.listdir(tmp_path / "run" / "logs" / "teacher")  # TensorBoard events
+    # A rerun loads the completed stages instead of training them again.
+    again = stages.run(cfg)
+    assert again["stages"]["teacher"]["clean_accuracy"] == teacher["clean_accuracy"]
+    assert again["stages"]["target"]["train_time_s"] == target["train_time_s"]
+
+
+class _Kill(Exception):
+    pass
+
+
+class _KillAfter(keras.callbacks.Callback):
+    def __init__(self, steps):
+        super().__init__()
+        self.steps, self.seen = steps, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.steps:
+            raise _Kill()
+
+
+def _train(split, tmp, callbacks=()):
+    keras.utils.set_random_seed(7)
+    models = build_models("mnist", width=0.25)
+    cfg = StageTrainConfig(epochs=2, batch_size=64)  # 16 steps per epoch on 1,024 examples
+    resumed = stage1.train_target(models, split, cfg, seed=7, model_dir=str(tmp), checkpoint_every=5,
+                                  verbose=0, callbacks=callbacks)
+    return models, resumed
+
+
+def test_interrupted_training_resumes_from_the_step_it_reached(tmp_path, mnist_small):
+    from mid_tf.data import Split
+    train = Split(mnist_small[0].images[:1024], mnist_small[0].labels[:1024], "test")
+    with pytest.raises(_Kill):
+        _train(train, tmp_path / "a", callbacks=[_KillAfter(23)])  # killed in epoch 2, after step 23
+    models, resumed = _train(train, tmp_path / "a")  # "rerun the same command"
+    assert resumed == 20  # last checkpoint before the kill, not 0
+    assert int(models.target.optimizer.iterations.numpy()) == 32
+    reference, fresh = _train(train, tmp_path / "b")  # never interrupted
+    assert fresh == 0
+    for a, b in zip(models.target.get_weights(), reference.target.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_config_validation_names_the_flag(tmp_path):
+    with pytest.raises(ConfigError, match="--stages"):
+        RunConfig(model_dir=str(tmp_path), stages=("target", "bogus")).validate()
+    with pytest.raises(ConfigError, match="--train_examples"):
+        RunConfig(model_dir=str(tmp_path), data=DataConfig(train_examples=0)).validate()
+    with pytest.raises(ConfigError, match="--target_lr"):
+        RunConfig(model_dir=str(tmp_path), target=StageTrainConfig(learning_rate=-1.0)).validate()
+
+
+def test_model_dir_of_another_run_is_refused(tmp_path):
+    artifacts.check_run_identity(str(tmp_path), {"dataset": "mnist", "width": 1.0, "seed": 0})
+    artifacts.check_run_identity(str(tmp_path), {"dataset": "mnist", "width": 1.0, "seed": 0})
+    with pytest.raises(artifacts.ArtifactError, match="new --model_dir"):
+        artifacts.check_run_identity(str(tmp_path), {"dataset": "mnist", "width": 0.5, "seed": 0})
+
+
+def test_load_models_requires_completed_stages(tmp_path):
+    with pytest.raises(artifacts.ArtifactError, match="not a mid_tf model_dir"):
+        artifacts.load_models(str(tmp_path))
+    artifacts.check_run_identity(str(tmp_path), {"dataset": "mnist", "width": 0.25, "seed": 0})
+    with pytest.raises(artifacts.ArtifactError, match="has not completed"):
+        artifacts.load_models(str(tmp_path), stages=("teacher",))
+
+
+@pytest.mark.parametrize("args,needle", [(["--width=-1"], "--width must be positive"),
+                                         (["--batch_size=0"], "batch_size"),
+                                         (["--stages=target,bogus"], "--stages has unknown stage")])
+def test_cli_rejects_bad_flags(tmp_path, mnist_data_dir, args, needle):
+    proc = subprocess.run([sys.executable, "train.py", "--flagfile=configs/mnist.flags",
+                           f"--model_dir={tmp_path}", f"--data_dir={mnist_data_dir}", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
