@@ -7,6 +7,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from interrupt import Kill, KillAfter
 import tensorflow as tf
 
 from mid_tf.attacks.pool import AttackPool
@@ -160,20 +161,6 @@ def test_multi_worker_keeps_workers_identical():
     assert "MULTI_WORKER_OK" in out, out
 
 
-class _Kill(Exception):
-    pass
-
-
-class _KillAfter(keras.callbacks.Callback):
-    def __init__(self, steps):
-        super().__init__()
-        self.steps, self.seen = steps, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.seen += 1
-        if self.seen == self.steps:
-            raise _Kill()
-
 
 def test_mid_stage_resumes_after_a_kill(tmp_path, mnist_small):
     from mid_tf.config import MIDStageConfig
@@ -191,8 +178,8 @@ def test_mid_stage_resumes_after_a_kill(tmp_path, mnist_small):
                                  verbose=0, callbacks=callbacks)
         return mid, resumed
 
-    with pytest.raises(_Kill):
-        run([_KillAfter(5)])
+    with pytest.raises(Kill):
+        run([KillAfter(5)])
     mid, resumed = run()
     assert resumed == 4  # the checkpoint at step 4 (end of epoch 1), not a fresh start
     assert int(mid.optimizer.iterations.numpy()) == 8

@@ -8,6 +8,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from interrupt import Kill, KillAfter
 
 from mid_tf import artifacts, stages
 from mid_tf.config import ConfigError, DataConfig, RunConfig, StageTrainConfig
@@ -37,20 +38,6 @@ def test_stage1_end_to_end_on_real_mnist(tmp_path, mnist_data_dir):
     assert again["stages"]["target"]["train_time_s"] == target["train_time_s"]
 
 
-class _Kill(Exception):
-    pass
-
-
-class _KillAfter(keras.callbacks.Callback):
-    def __init__(self, steps):
-        super().__init__()
-        self.steps, self.seen = steps, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.seen += 1
-        if self.seen == self.steps:
-            raise _Kill()
-
 
 def _train(split, tmp, callbacks=()):
     keras.utils.set_random_seed(7)
@@ -64,8 +51,8 @@ def _train(split, tmp, callbacks=()):
 def test_interrupted_training_resumes_from_the_step_it_reached(tmp_path, mnist_small):
     from mid_tf.data import Split
     train = Split(mnist_small[0].images[:1024], mnist_small[0].labels[:1024], "test")
-    with pytest.raises(_Kill):
-        _train(train, tmp_path / "a", callbacks=[_KillAfter(23)])  # killed in epoch 2, after step 23
+    with pytest.raises(Kill):
+        _train(train, tmp_path / "a", callbacks=[KillAfter(23)])  # killed in epoch 2, after step 23
     models, resumed = _train(train, tmp_path / "a")  # "rerun the same command"
     assert resumed == 20  # last checkpoint before the kill, not 0
     assert int(models.target.optimizer.iterations.numpy()) == 32

@@ -60,6 +60,14 @@ def resolve_data_dir(data_dir: str | None) -> str | None:
     return os.path.expanduser(env) if env else None
 
 
+def _checked_data_dir(data_dir: str | None) -> str | None:
+    data_dir = resolve_data_dir(data_dir)
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir / {DATA_DIR_ENV} = {data_dir} is not a directory. Point it at the "
+                        "directory holding the dataset.")
+    return data_dir
+
+
 def _find_idx(data_dir: str, stem: str) -> str | None:
     for candidate in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
         path = os.path.join(data_dir, candidate)
@@ -142,10 +150,7 @@ def preflight(name: str, data_dir: str | None = None, download: bool = False) ->
     """
     if name not in DATASET_SHAPES:
         raise DataError(f"unknown dataset '{name}'; choose one of {sorted(DATASET_SHAPES)}")
-    data_dir = resolve_data_dir(data_dir)
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise DataError(f"--data_dir / {DATA_DIR_ENV} = {data_dir} is not a directory. Point it at the "
-                        "directory holding the dataset.")
+    data_dir = _checked_data_dir(data_dir)
     if data_dir is not None and name in _IDX_DATASETS and any(
             _find_idx(data_dir, s) for stems in _IDX_FILES.values() for s in stems):
         return
@@ -167,10 +172,7 @@ def load_split(name: str, split: str, data_dir: str | None = None, *, download: 
         raise DataError(f"unknown dataset '{name}'; choose one of {sorted(DATASET_SHAPES)}")
     if split not in _IDX_FILES:
         raise DataError(f"unknown split '{split}'; use 'train' or 'test'")
-    data_dir = resolve_data_dir(data_dir)
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise DataError(f"--data_dir / {DATA_DIR_ENV} = {data_dir} is not a directory. Point it at the "
-                        "directory holding the dataset.")
+    data_dir = _checked_data_dir(data_dir)
     result = None
     if data_dir is not None and name in _IDX_DATASETS:
         result = _load_idx_split(data_dir, split)

@@ -1,0 +1,105 @@
+"""The Attacker Pool: sampling, graph-safe crafting, batched runner == CleverHans, MirroredStrategy."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import attack_fixtures as F
+from mid_tf.attacks import make_attack
+from mid_tf.attacks.pool import OFFICIAL_MNIST_POOL, AttackPool
+
+
+@pytest.fixture(scope="session")
+def fn():
+    return F.model_fn()
+
+
+@pytest.fixture(scope="session")
+def batch():
+    return F.test_batch(64)
+
+
+def test_default_pool_is_official_addclean():
+    pool = AttackPool()
+    assert pool.names == OFFICIAL_MNIST_POOL == ("clean", "pgd40", "pgd40_t0", "mim40", "mim40_t0")
+    assert pool.num_tasks == 5 and pool.num_meta_train == 4
+
+
+def test_sampling_is_deterministic_and_graph_equal():
+    pool = AttackPool(seed=1)
+    draws = [pool.sample(s) for s in range(200)]
+    assert draws == [pool.sample(s) for s in range(200)]
+    assert draws != [AttackPool(seed=2).sample(s) for s in range(200)]
+    for mt, ho in draws:
+        assert ho not in mt and len(mt) == 4 and sorted(set(mt)) == list(mt)
+    counts = np.bincount([ho for _, ho in draws], minlength=5)
+    assert counts.min() >= 20, counts  # every task gets held out, roughly uniformly
+    graph = tf.function(pool.sample_tf)
+    for s in (0, 5, 123):
+        mt, ho = graph(tf.constant(s, tf.int64))
+        assert (tuple(mt.numpy()), int(ho)) == draws[s]
+
+
+def test_num_meta_train_and_refusals():
+    pool = AttackPool(seed=0, num_meta_train=2)
+    for s in range(20):
+        mt, ho = pool.sample(s)
+        assert len(mt) == 2 and ho not in mt
+    with pytest.raises(ValueError, match=r"num_meta_train must be in \[1, 4\]"):
+        AttackPool(num_meta_train=5)
+    with pytest.raises(ValueError, match="eager-only.*Graph-safe attacks: .*pgd40"):
+        AttackPool(["clean", "pgd40", "cw_l2"])
+    with pytest.raises(ValueError, match="eager-only"):
+        AttackPool("pgd40,autoattack")
+    with pytest.raises(ValueError, match="duplicate"):
+        AttackPool(["pgd40", "pgd40"])
+    assert AttackPool("clean,pgd40:nb_iter=5,fgsm").names == ("clean", "pgd40:nb_iter=5", "fgsm")
+
+
+def test_craft_all_matches_cleverhans_and_tf_function(fn, batch):
+    x, y = batch
+    pool = AttackPool(seed=4, batched_runner=True)
+    tasks = pool.craft_all(fn, x, y, step=3).numpy()
+    assert tasks.shape == (5,) + x.shape
+    np.testing.assert_array_equal(tasks[0], x)
+    ref = np.stack([make_attack(s)(fn, x, y, seed=pool.task_seed(3, i)).numpy() for i, s in enumerate(pool.specs)])
+    np.testing.assert_allclose(tasks, ref, atol=1e-6)   # batched runner == per-attack CleverHans
+    seq = AttackPool(seed=4, batched_runner=False).craft_all(fn, x, y, step=3).numpy()
+    np.testing.assert_allclose(seq, ref, atol=1e-6)
+    graph = tf.function(lambda a, b, s: pool.craft_all(fn, a, b, s))
+    np.testing.assert_allclose(graph(x, y, tf.constant(3, tf.int64)).numpy(), tasks, atol=1e-6)
+    for i in range(1, 5):
+        assert np.abs(tasks[i] - x).max() <= 0.3 + 1e-6 and tasks[i].min() >= 0 and tasks[i].max() <= 1
+        assert F.accuracy(fn, tasks[i], y) < 0.3, pool.names[i]
+    other = pool.craft_all(fn, x, y, step=4).numpy()
+    assert np.abs(other[1] - tasks[1]).max() > 1e-3  # PGD random start depends on the step
+    np.testing.assert_array_equal(other[3], tasks[3])  # MIM has no randomness
+
+
+def test_pool_with_a_mixed_group(fn, batch):
+    x, y = batch[0][:16], batch[1][:16]
+    pool = AttackPool("clean,fgsm,bim40,pgd40,pgd_l2:nb_iter=5", seed=0, num_meta_train=2, batched_runner=True)
+    tasks = pool.craft_all(fn, x, y, 0).numpy()
+    ref = np.stack([make_attack(s)(fn, x, y, seed=pool.task_seed(0, i)).numpy() for i, s in enumerate(pool.specs)])
+    np.testing.assert_allclose(tasks, ref, atol=1e-6)
+
+
+def test_mirrored_strategy_matches_eager(tmp_path):
+    weights = str(tmp_path / "target.weights.h5")
+    F.tiny_target().save_weights(weights)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, MID_DATA_DIR=F.DATA_DIR)
+    proc = subprocess.run([sys.executable, os.path.join(repo, "tests", "mirrored_attacks_check.py"), weights],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=repo)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    res = json.loads(lines[-1][len("RESULT "):])
+    assert res["replicas"] == 2
+    assert res["pool"] < 1e-5 and res["pool_seq"] < 1e-5 and res["pgd"] < 1e-5, res
+    assert res["held_out"] == [res["held_out_eager"]] * 2 and res["meta_train_equal"]
+    assert min(res["pool_changed"]) > 0.1
