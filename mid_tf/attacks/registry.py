@@ -149,6 +149,9 @@ def _mnist_defaults() -> dict[str, AttackSpec]:
         S("bim40", "bim", eps=0.3, eps_iter=0.05, nb_iter=40),
         S("pgd40", "pgd", eps=0.3, eps_iter=0.01, nb_iter=40, rand_init=True),
         S("mim40", "mim", eps=0.3, eps_iter=0.01, nb_iter=40, decay=1.0),
+        # 10-step versions for CPU-sized training pools (step 0.04: 10 steps still travel past eps 0.3)
+        S("pgd10", "pgd", eps=0.3, eps_iter=0.04, nb_iter=10, rand_init=True),
+        S("mim10", "mim", eps=0.3, eps_iter=0.04, nb_iter=10, decay=1.0),
         S("pgd_l2", "pgd", eps=2.0, norm=2, eps_iter=0.1, nb_iter=40, rand_init=True),
         S("cw_l2", "cw_l2", eps=None, norm=2),
         S("spsa", "spsa", eps=0.3, nb_iter=100),

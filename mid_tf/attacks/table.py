@@ -4,7 +4,8 @@
         [--model_dir runs/x] [--train_epochs 3] [--attacks all|pgd40,cw_l2:max_iterations=100] \
         [--slow_examples 100]
 
-The target is loaded from `<model_dir>/target/model.weights.h5` when present, else trained here
+The target is loaded from a train.py `<model_dir>` (target/target.weights.h5) or from
+`<model_dir>/target/model.weights.h5` when present, else trained here
 (official LeNet, width 1) for `--train_epochs` epochs on the training split and saved there. Graph-safe attacks run
 on `--examples` test images (in tf.function, batch 256); eager-only ones (CW-L2, SPSA, ART) on the
 first `--slow_examples` of them, because they are 10-1000x slower on CPU (see docs/attacks.md).
@@ -22,14 +23,19 @@ import tensorflow as tf
 
 def load_or_train_target(model_dir: str | None, data_dir: str | None, epochs: int = 1, width: float = 1.0,
                          train_examples: int | None = None, seed: int = 0, log=print):
-    """The undefended target: weights from `model_dir/target/model.weights.h5`, or trained now."""
+    """The undefended target: weights from a train.py model_dir, `model_dir/target/model.weights.h5`, or trained now."""
     import keras
     from mid_tf.data.datasets import load_split
     from mid_tf.models.factory import build_models
 
     keras.utils.set_random_seed(seed)
     model = build_models("mnist", width=width).target
+    # A train.py model_dir keeps the target at target/target.weights.h5; standalone runs of this
+    # tool save theirs as target/model.weights.h5.
+    trained = os.path.join(model_dir, "target", "target.weights.h5") if model_dir else None
     path = os.path.join(model_dir, "target", "model.weights.h5") if model_dir else None
+    if trained and os.path.isfile(trained):
+        path = trained
     if path and os.path.isfile(path):
         model.load_weights(path)
         log(f"target: loaded {path}")

@@ -1,0 +1,198 @@
+"""The serving contract end to end: export -> a TF Serving stand-in (gRPC + REST) -> mid_tf.serving.client.
+
+Round trips equal the Keras outputs; bad requests come back INVALID_ARGUMENT with the in-graph
+message and the server keeps serving; unknown models/versions are NOT_FOUND; the CLI turns status
+codes into one-line messages with the fix.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from mid_tf.export import export_model
+from mid_tf.serving import client
+from serving_standin import StandInServer
+from test_export import images01, keras_outputs, tiny_models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPECTED_MESSAGE = "image must be float32 [batch, 28, 28, 1] with values in [0, 1]"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    models = tiny_models()
+    base = str(tmp_path_factory.mktemp("exports") / "mid_mnist")
+    export_model(models, base)
+    with StandInServer(base, "mid_mnist", lifetime_s=300, rest=True) as server:
+        yield server, models, base
+
+
+@pytest.fixture(scope="module")
+def grpc_client(served):
+    c = client.GrpcClient(served[0].target, timeout=30)
+    yield c
+    c.close()
+
+
+def _pngs(images):
+    return [tf.io.encode_png(np.round(img * 255).astype(np.uint8)).numpy() for img in images]
+
+
+@pytest.mark.parametrize("mode", ["grpc", "rest"])
+def test_round_trip_of_every_signature_equals_keras(served, grpc_client, mode):
+    server, models, _ = served
+    c = grpc_client if mode == "grpc" else client.RestClient(server.rest_target, timeout=30)
+    images = images01(5)
+    logits, regen = keras_outputs(models, images)
+    for signature, inputs in [("classify", images), ("classify_encoded", _pngs(images))]:
+        out = c.predict("mid_mnist", signature, inputs)
+        assert set(out) == {"logits", "probabilities", "classes"}
+        assert np.max(np.abs(out["logits"] - logits)) <= 1e-5
+        np.testing.assert_array_equal(out["classes"], logits.argmax(-1))
+    out = c.predict("mid_mnist", "regenerate", images)
+    assert set(out) == {"image"} and out["image"].shape == (5, 28, 28, 1)
+    assert np.max(np.abs(out["image"] - regen)) <= 1e-5
+
+
+def test_rest_request_body_and_urls():
+    body = client.rest_predict_body("classify_encoded", [b"\x89PNG"])
+    assert body == {"signature_name": "classify_encoded", "instances": [{"image_bytes": {"b64": "iVBORw=="}}]}
+    body = client.rest_predict_body("classify", np.zeros((2, 28, 28, 1), np.float32))
+    assert body["signature_name"] == "serving_default" and len(body["instances"]) == 2
+    assert np.asarray(body["instances"][0]["image"]).shape == (28, 28, 1)
+    assert client.rest_url("h:8501", "m") == "http://h:8501/v1/models/m:predict"
+    assert client.rest_url("h:8501", "m", version=3) == "http://h:8501/v1/models/m/versions/3:predict"
+    assert client.rest_url("h:8501", "m", version_label="stable", tls=True) == \
+        "https://h:8501/v1/models/m/labels/stable:predict"
+    assert client.rest_url("h:8501", "m", verb="metadata") == "http://h:8501/v1/models/m/metadata"
+    parsed = client.parse_rest_predictions("regenerate", {"predictions": [[[0.5]]]})
+    assert list(parsed) == ["image"] and parsed["image"].shape == (1, 1, 1)
+
+
+def _raw_predict(target, inputs, signature="serving_default"):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = "mid_mnist", signature
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    with grpc.insecure_channel(target) as channel:
+        return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+
+
+BAD_REQUESTS = {
+    "wrong input name": ({"img": np.zeros((1, 28, 28, 1), np.float32)}, "input tensor alias not found"),
+    "wrong shape": ({"image": np.zeros((2, 32, 32, 1), np.float32)}, EXPECTED_MESSAGE),
+    "missing channel axis": ({"image": np.zeros((2, 28, 28), np.float32)}, EXPECTED_MESSAGE),
+    "wrong dtype": ({"image": np.zeros((1, 28, 28, 1), np.float64)}, "double"),
+    "out of range": ({"image": np.full((1, 28, 28, 1), 255.0, np.float32)}, EXPECTED_MESSAGE),
+    "NaN": ({"image": np.full((1, 28, 28, 1), np.nan, np.float32)}, EXPECTED_MESSAGE),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_request_is_invalid_argument_and_server_keeps_serving(served, case):
+    server, _, _ = served
+    inputs, message = BAD_REQUESTS[case]
+    with pytest.raises(grpc.RpcError) as info:
+        _raw_predict(server.target, inputs)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+    ok = _raw_predict(server.target, {"image": images01(1)})  # the next good request still works
+    assert tf.make_ndarray(ok.outputs["probabilities"]).shape == (1, 10)
+
+
+def test_bad_encoded_image_is_invalid_argument(grpc_client):
+    with pytest.raises(client.ServingError) as info:
+        grpc_client.predict("mid_mnist", "classify_encoded", [b"not an image"])
+    assert info.value.code == "INVALID_ARGUMENT" and "image" in info.value.details.lower()
+
+
+def test_metadata_over_grpc_and_rest(served, grpc_client):
+    server, _, _ = served
+    for meta in (grpc_client.metadata("mid_mnist"), client.RestClient(server.rest_target).metadata("mid_mnist")):
+        assert meta["version"] == 1
+        assert sorted(meta["signatures"]) == ["classify_encoded", "regenerate", "serving_default"]
+        assert meta["signatures"]["serving_default"]["inputs"]["image"]["dtype"] == "float32"
+        assert sorted(meta["signatures"]["serving_default"]["outputs"]) == ["classes", "logits", "probabilities"]
+    assert "serving_default: image float32[-1, -1, -1, -1] ->" in client.format_metadata(meta)
+
+
+def test_deadline_exceeded_is_explained(served):
+    c = client.GrpcClient(served[0].target, timeout=1e-6)
+    with pytest.raises(client.ServingError) as info:
+        c.predict("mid_mnist", "classify", images01(2))
+    c.close()
+    assert info.value.code == "DEADLINE_EXCEEDED" and "--timeout" in str(info.value)
+
+
+def test_latest_version_is_served_and_others_are_not_found(served, tmp_path):
+    _, models, _ = served
+    base = str(tmp_path / "mid_mnist")
+    export_model(models, base)
+    export_model(tiny_models(seed=7), base)  # version 2, other weights
+    with StandInServer(base, "mid_mnist", lifetime_s=120) as server:
+        c = client.GrpcClient(server.target, timeout=30)
+        latest = c.predict("mid_mnist", "classify", images01(2))
+        assert np.array_equal(latest["logits"], c.predict("mid_mnist", "classify", images01(2), version=2)["logits"])
+        with pytest.raises(client.ServingError, match="Servable not found for request: Specific"):
+            c.predict("mid_mnist", "classify", images01(2), version=1)
+        c.close()
+    with StandInServer(base, "mid_mnist", versions=[1], lifetime_s=120) as server:
+        c = client.GrpcClient(server.target, timeout=30)
+        first = c.predict("mid_mnist", "classify", images01(2), version=1)
+        assert np.max(np.abs(first["logits"] - latest["logits"])) > 1e-4  # really a different version
+        c.close()
+
+
+def test_cli_classifies_a_png_directory_and_writes_outputs(served, tmp_path, capsys):
+    server, models, _ = served
+    images = images01(3)
+    os.makedirs(tmp_path / "pngs")
+    for i, data in enumerate(_pngs(images)):
+        (tmp_path / "pngs" / f"{i}.png").write_bytes(data)
+    out = str(tmp_path / "out.npz")
+    rc = client.main([f"--server={server.target}", "--signature=classify_encoded", f"--inputs={tmp_path / 'pngs'}",
+                      f"--output={out}", "--batch_size=2"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    logits, _ = keras_outputs(models, images)
+    assert [ln.split("\t")[:2] for ln in lines[:3]] == [[f"{i}.png", f"class {c}"]
+                                                         for i, c in enumerate(logits.argmax(-1))]
+    assert np.max(np.abs(np.load(out)["logits"] - logits)) <= 1e-5
+    np.save(tmp_path / "x.npy", images[..., 0])  # [N, 28, 28] grayscale
+    rc = client.main(["--rest", f"--server={server.rest_target}", "--signature=regenerate",
+                      f"--inputs={tmp_path / 'x.npy'}", f"--output={tmp_path / 'regen.npy'}"])
+    assert rc == 0 and np.load(tmp_path / "regen.npy").shape == (3, 28, 28, 1)
+
+
+@pytest.mark.parametrize("mode", ["grpc", "rest"])
+def test_cli_not_found_message_names_the_fix(served, tmp_path, capsys, mode):
+    server, _, _ = served
+    np.save(tmp_path / "x.npy", images01(1))
+    args = ["--model_name=nope", f"--inputs={tmp_path / 'x.npy'}"]
+    args += [f"--server={server.target}"] if mode == "grpc" else ["--rest", f"--server={server.rest_target}"]
+    assert client.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: NOT_FOUND")
+    assert "Servable not found for request: Latest(nope)" in err and "--model_name" in err
+
+
+def test_cli_unavailable_when_nothing_listens(tmp_path):
+    with socket.socket() as s:  # a port that was free a moment ago, and nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    np.save(tmp_path / "x.npy", images01(1))
+    for extra in ([], ["--rest"]):
+        proc = subprocess.run([sys.executable, "-m", "mid_tf.serving.client", f"--server=127.0.0.1:{port}",
+                               f"--inputs={tmp_path / 'x.npy'}", *extra], capture_output=True, text=True,
+                              timeout=120, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        assert proc.returncode == 2
+        err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1 and "UNAVAILABLE" in err[0] and "is the model server running" in err[0]
+        assert "8500" in err[0]
