@@ -54,6 +54,8 @@ flags.DEFINE_enum("attack_source", "target", ["target", "student"],
 flags.DEFINE_integer("attack_cache_epochs", 0, "Transfer protocol only: craft the pool's attacks on the target once "
                      "and reuse them for K epochs, then recraft with new random starts (0: craft every step, as "
                      "the official code).", lower_bound=0)
+flags.DEFINE_enum("student_init", "random", ["random", "teacher"],
+                  "Initial weights of the student encoder: random (official) or a copy of the teacher encoder's.")
 flags.DEFINE_float("meta_alpha", 1e-4, "Inner step size alpha: theta' = theta - alpha * grad L_train (official 1e-4).",
                    lower_bound=0.0)
 flags.DEFINE_float("meta_beta", 1.0, "Weight beta of the meta-test loss (official 1).", lower_bound=0.0)
@@ -115,7 +117,7 @@ def build_config():
             train_weights=_weights("meta_train_weights", FLAGS.meta_train_weights),
             test_weights=_weights("meta_test_weights", FLAGS.meta_test_weights), softmax_axis=FLAGS.softmax_axis,
             attack_source=FLAGS.attack_source, val_examples=FLAGS.val_examples,
-            attack_cache_epochs=FLAGS.attack_cache_epochs,
+            attack_cache_epochs=FLAGS.attack_cache_epochs, student_init=FLAGS.student_init,
             val_attacks=_attacks(FLAGS.val_attacks)),
         strategy=FLAGS.strategy,
         eval_attacks=_attacks(FLAGS.eval_attacks), eval_whitebox_attacks=_attacks(FLAGS.eval_whitebox_attacks),

@@ -79,6 +79,7 @@ class MIDStageConfig:
     val_attacks: tuple = ("fgsm", "pgd40")
     log_every_steps: int = 10            # TensorBoard batch-level logging period
     attack_cache_epochs: int = 0         # transfer protocol: reuse crafted attacks for K epochs (0: craft every step)
+    student_init: str = "random"         # random (official) | teacher (start E_s from E_t's weights)
 
     def validate(self) -> None:
         if self.epochs < 0 or self.batch_size <= 0 or not self.learning_rate > 0:
@@ -94,6 +95,8 @@ class MIDStageConfig:
                 raise ConfigError(f"{flag} takes three non-negative weights LC,AC,CC, got {w}")
         if self.alpha < 0 or self.beta < 0:
             raise ConfigError("--meta_alpha and --meta_beta must be >= 0")
+        if self.student_init not in ("random", "teacher"):
+            raise ConfigError(f"--student_init must be random or teacher, got {self.student_init}")
         if self.attack_cache_epochs < 0:
             raise ConfigError(f"--attack_cache_epochs must be >= 0, got {self.attack_cache_epochs}")
         if self.attack_cache_epochs and self.attack_source != "target":

@@ -195,3 +195,27 @@ def test_flagfiles_parse():
             cwd=repo, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "STAGES target,teacher,mid,eval" in proc.stdout, proc.stdout
+
+
+def test_student_init_from_teacher_and_validation(tmp_path, mnist_small):
+    from mid_tf.config import ConfigError, MIDStageConfig
+    from mid_tf.data import Split
+    from mid_tf.training.mid_stage import train_mid
+
+    with pytest.raises(ConfigError, match="--student_init"):
+        MIDStageConfig(student_init="imagenet").validate()
+    with pytest.raises(ConfigError, match="--attack_source=target"):
+        MIDStageConfig(attack_cache_epochs=2, attack_source="student").validate()
+    keras.utils.set_random_seed(6)
+    models = build_models("mnist", width=0.25)
+    teacher = [w.copy() for w in models.teacher_encoder.get_weights()]
+    train = Split(mnist_small[0].images[:128], mnist_small[0].labels[:128], "test")
+    cfg = MIDStageConfig(epochs=1, batch_size=64, learning_rate=1e-3, val_examples=0, student_init="teacher",
+                         attack_cache_epochs=1, pool="clean,fgsm,pgd40:nb_iter=2,eps_iter=0.15")
+    mid, _ = train_mid(models, train, cfg, seed=6, model_dir=str(tmp_path), checkpoint_every=100, verbose=0)
+    student = models.student_encoder.get_weights()
+    # Started at the teacher's weights (2 small Adam steps away), the teacher itself untouched.
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(student, teacher)) < 5e-3
+    assert any(not np.array_equal(a, b) for a, b in zip(student, teacher))
+    for a, b in zip(teacher, models.teacher_encoder.get_weights()):
+        np.testing.assert_array_equal(a, b)

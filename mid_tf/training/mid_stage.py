@@ -44,6 +44,8 @@ def make_optimizer(cfg: MIDStageConfig, total_steps: int) -> keras.optimizers.Op
 def train_mid(models: MIDModels, split: Split, cfg: MIDStageConfig, *, seed: int, model_dir: str,
               checkpoint_every: int, verbose: int, val_split: Split | None = None, callbacks=()):
     """Builds the meta-learner, compiles it, and fits resumably. Returns (mid model, resumed-from step)."""
+    if cfg.student_init == "teacher":  # same architecture; a resumed run overwrites this from its checkpoint
+        models.student_encoder.set_weights(models.teacher_encoder.get_weights())
     mid = build_mid(models, cfg, seed)
     spe = steps_per_epoch(split, cfg.batch_size)
     if cfg.steps_per_epoch:
