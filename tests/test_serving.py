@@ -123,11 +123,28 @@ def test_metadata_over_grpc_and_rest(served, grpc_client):
     assert "serving_default: image float32[-1, -1, -1, -1] ->" in client.format_metadata(meta)
 
 
-def test_deadline_exceeded_is_explained(served):
-    c = client.GrpcClient(served[0].target, timeout=1e-6)
-    with pytest.raises(client.ServingError) as info:
-        c.predict("mid_mnist", "classify", images01(2))
-    c.close()
+class _SlowPredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """Answers Predict only after 3 s, so a short client deadline always expires first."""
+
+    def Predict(self, request, context):
+        import time
+        time.sleep(3.0)
+        return predict_pb2.PredictResponse()
+
+
+def test_deadline_exceeded_is_explained():
+    from concurrent import futures
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(_SlowPredictionService(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        c = client.GrpcClient(f"127.0.0.1:{port}", timeout=0.3)
+        with pytest.raises(client.ServingError) as info:
+            c.predict("mid_mnist", "classify", images01(2))
+        c.close()
+    finally:
+        server.stop(grace=None)
     assert info.value.code == "DEADLINE_EXCEEDED" and "--timeout" in str(info.value)
 
 
