@@ -95,6 +95,13 @@ def read_run_identity(model_dir: str) -> dict:
         return json.load(f)
 
 
+def load_stage(model_dir: str, stage: str, models: MIDModels) -> dict:
+    """Loads a completed stage's networks into `models`; returns its done.json metrics."""
+    for net in STAGE_NETWORKS[stage]:
+        getattr(models, net).load_weights(weights_path(model_dir, stage, net))
+    return read_done(model_dir, stage)
+
+
 def load_models(model_dir: str, stages=("target", "teacher", "mid")) -> MIDModels:
     """Builds the networks recorded in run.json and loads the weights of the completed `stages`."""
     identity = read_run_identity(model_dir)
@@ -103,6 +110,5 @@ def load_models(model_dir: str, stages=("target", "teacher", "mid")) -> MIDModel
         if not is_done(model_dir, stage):
             raise ArtifactError(f"stage '{stage}' has not completed in {model_dir}; run "
                                 f"`python train.py --model_dir={model_dir} --stages=...,{stage}` first")
-        for net in STAGE_NETWORKS[stage]:
-            getattr(models, net).load_weights(weights_path(model_dir, stage, net))
+        load_stage(model_dir, stage, models)
     return models

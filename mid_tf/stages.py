@@ -54,8 +54,7 @@ def _run_target(ctx: Context) -> dict:
     cfg, models = ctx.cfg, ctx.models
     t0 = time.time()
     if artifacts.is_done(cfg.model_dir, "target"):
-        models.target.load_weights(artifacts.weights_path(cfg.model_dir, "target", "target"))
-        result = artifacts.read_done(cfg.model_dir, "target")
+        result = artifacts.load_stage(cfg.model_dir, "target", models)
     else:
         resumed = stage1.train_target(models, ctx.train_split, cfg.target, **ctx.fit_kwargs("target"))
         result = {"epochs": cfg.target.epochs, "resumed_from_step": resumed,
@@ -70,9 +69,7 @@ def _run_teacher(ctx: Context) -> dict:
     cfg, models = ctx.cfg, ctx.models
     t0 = time.time()
     if artifacts.is_done(cfg.model_dir, "teacher"):
-        for net in artifacts.STAGE_NETWORKS["teacher"]:
-            getattr(models, net).load_weights(artifacts.weights_path(cfg.model_dir, "teacher", net))
-        result = artifacts.read_done(cfg.model_dir, "teacher")
+        result = artifacts.load_stage(cfg.model_dir, "teacher", models)
     else:
         resumed = stage1.train_teacher(models, ctx.train_split, cfg.teacher, **ctx.fit_kwargs("teacher"))
         result = {"epochs": cfg.teacher.epochs, "resumed_from_step": resumed,
@@ -93,8 +90,7 @@ def _run_mid(ctx: Context) -> dict:
     cfg, models = ctx.cfg, ctx.models
     t0 = time.time()
     if artifacts.is_done(cfg.model_dir, "mid"):
-        models.student_encoder.load_weights(artifacts.weights_path(cfg.model_dir, "mid", "student_encoder"))
-        result = artifacts.read_done(cfg.model_dir, "mid")
+        result = artifacts.load_stage(cfg.model_dir, "mid", models)
     else:
         _, resumed = mid_stage.train_mid(models, ctx.train_split, cfg.mid, seed=cfg.seed, model_dir=cfg.model_dir,
                                          checkpoint_every=cfg.checkpoint_every, verbose=cfg.verbose,
