@@ -21,7 +21,7 @@ flags.DEFINE_string("data_dir", None, "Directory with the dataset: the four MNIS
                     "prepared TFDS data dir. Default: $MID_DATA_DIR, else TFDS's default directory.")
 flags.DEFINE_bool("download", False, "Allow TFDS to download the dataset when it is not found (needs network).")
 flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist", "cifar10", "svhn_cropped"], "Dataset (TFDS name).")
-flags.DEFINE_list("stages", ["target", "teacher"], "Stages to run, in pipeline order: target, teacher, mid, eval.")
+flags.DEFINE_list("stages", ["target", "teacher"], "Stages to run, in pipeline order: target, teacher, pgd_at, trades, mid, eval.")
 flags.DEFINE_integer("seed", 0, "Random seed: weights, data order, attacks. Same seed, same run.")
 flags.DEFINE_integer("train_examples", None, "Use only the first N training examples (default: all).", lower_bound=1)
 flags.DEFINE_integer("eval_examples", None, "Use only the first N test examples (default: all).", lower_bound=1)
@@ -62,6 +62,10 @@ flags.DEFINE_float("meta_beta", 1.0, "Weight beta of the meta-test loss (officia
 flags.DEFINE_enum("meta_order", "2", ["1", "2"], "2: exact second-order meta-gradient; 1: first-order approximation.")
 flags.DEFINE_list("meta_train_weights", ["1", "1.5", "0.8"], "Meta-train loss weights w_LC,w_AC,w_CC (official).")
 flags.DEFINE_list("meta_test_weights", ["1", "1", "1"], "Meta-test loss weights w_LC,w_AC,w_CC (official).")
+flags.DEFINE_enum("kl_reduction", "elementwise_mean", ["elementwise_mean", "distribution_mean"],
+                  "Reduction of the feature KL terms: elementwise_mean = mean over every element, PyTorch "
+                  "KLDivLoss's default as in the official code (the per-location KL / #channels); "
+                  "distribution_mean = the KL of each per-location distribution, averaged.")
 flags.DEFINE_integer("softmax_axis", -1, "Feature softmax axis of the KL terms (-1: channels, as the official code).")
 flags.DEFINE_integer("val_examples", 500, "Test images for the per-epoch MID validation (0: off).", lower_bound=0)
 flags.DEFINE_string("val_attacks", "fgsm,pgd40", "Attacks (crafted on the target) in the per-epoch validation.")
@@ -70,8 +74,21 @@ flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"]
 flags.DEFINE_integer("logical_cpus", 0, "Split the CPU into N logical devices (to exercise --strategy=mirrored "
                      "without GPUs). 0: leave as is.", lower_bound=0)
 # Stage eval
+flags.DEFINE_integer("baseline_epochs", 10, "Epochs of the adversarial-training baselines (stages pgd_at, trades).",
+                     lower_bound=0)
+flags.DEFINE_float("baseline_lr", 1e-3, "Adam learning rate of the baselines.")
+flags.DEFINE_string("baseline_attack", "pgd10", "Inner attack of PGD-AT / TRADES (registry name: untargeted PGD, BIM "
+                    "or FGSM; Madry's MNIST setting is pgd40).")
+flags.DEFINE_float("trades_beta", 6.0, "TRADES: weight of the KL robustness term (Zhang et al. 2019: 6).",
+                   lower_bound=0.0)
 flags.DEFINE_string("eval_attacks", "fgsm,pgd40", "Eval stage: transfer attacks crafted on the target.")
-flags.DEFINE_string("eval_whitebox_attacks", "pgd40", "Eval stage: white-box attacks crafted on C(E_s(.)).")
+flags.DEFINE_string("eval_whitebox_attacks", "pgd40", "Eval stage: white-box attacks, crafted on each evaluated "
+                    "model itself (MID's C(E_s(.)), the target, the baselines).")
+flags.DEFINE_integer("eval_slow_examples", 1000, "Eval stage: test images for the eager-only attacks (CW-L2, "
+                     "SPSA, AutoAttack, DeepFool, Square, spatial, JSMA), which are 10-1000x slower on CPU.",
+                     lower_bound=1)
+flags.DEFINE_list("eval_eps_sweep", ["0.1", "0.2", "0.3", "1.0"], "Eval stage: eps values of the white-box PGD-40 "
+                  "sweep behind the sanity flags (accuracy must fall as eps grows and reach ~0 at eps 1); empty: off.")
 flags.DEFINE_bool("deterministic", False, "Enable TF op determinism (bitwise repeatable, somewhat slower).")
 
 flags.mark_flag_as_required("model_dir")
@@ -91,6 +108,14 @@ def _weights(flag, values):
     return w
 
 
+def _floats(flag, values):
+    from mid_tf.config import ConfigError
+    try:
+        return tuple(float(v) for v in values if str(v).strip())
+    except ValueError as e:
+        raise ConfigError(f"--{flag} takes numbers, got {values}") from e
+
+
 def _attacks(text):
     """'fgsm,pgd40:eps=0.2,nb_iter=10' -> ('fgsm', 'pgd40:eps=0.2,nb_iter=10'), validated against the registry."""
     from mid_tf.attacks import parse_attack_list
@@ -98,7 +123,7 @@ def _attacks(text):
 
 
 def build_config():
-    from mid_tf.config import DataConfig, MIDStageConfig, RunConfig, StageTrainConfig
+    from mid_tf.config import BaselineConfig, DataConfig, MIDStageConfig, RunConfig, StageTrainConfig
 
     data = DataConfig(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, download=FLAGS.download,
                       train_examples=FLAGS.train_examples, eval_examples=FLAGS.eval_examples)
@@ -116,11 +141,17 @@ def build_config():
             alpha=FLAGS.meta_alpha, beta=FLAGS.meta_beta, meta_order=int(FLAGS.meta_order),
             train_weights=_weights("meta_train_weights", FLAGS.meta_train_weights),
             test_weights=_weights("meta_test_weights", FLAGS.meta_test_weights), softmax_axis=FLAGS.softmax_axis,
+            kl_reduction=FLAGS.kl_reduction,
             attack_source=FLAGS.attack_source, val_examples=FLAGS.val_examples,
             attack_cache_epochs=FLAGS.attack_cache_epochs, student_init=FLAGS.student_init,
             val_attacks=_attacks(FLAGS.val_attacks)),
+        baseline=BaselineConfig(epochs=FLAGS.baseline_epochs, batch_size=FLAGS.batch_size,
+                                learning_rate=FLAGS.baseline_lr, lr_schedule=FLAGS.lr_schedule,
+                                attack=_attacks(FLAGS.baseline_attack)[0] if FLAGS.baseline_attack else "pgd10",
+                                trades_beta=FLAGS.trades_beta),
         strategy=FLAGS.strategy,
         eval_attacks=_attacks(FLAGS.eval_attacks), eval_whitebox_attacks=_attacks(FLAGS.eval_whitebox_attacks),
+        eval_slow_examples=FLAGS.eval_slow_examples, eval_eps_sweep=_floats("eval_eps_sweep", FLAGS.eval_eps_sweep),
     )
 
 

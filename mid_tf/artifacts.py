@@ -24,6 +24,8 @@ STAGE_NETWORKS = {
     "target": ("target",),
     "teacher": ("teacher_encoder", "decoder", "classifier"),
     "mid": ("student_encoder",),
+    "pgd_at": ("pgd_at",),
+    "trades": ("trades",),
 }
 
 

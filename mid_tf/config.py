@@ -10,7 +10,7 @@ import dataclasses
 
 from mid_tf.data.datasets import DATASET_SHAPES
 
-KNOWN_STAGES = ("target", "teacher", "mid", "eval")
+KNOWN_STAGES = ("target", "teacher", "pgd_at", "trades", "mid", "eval")
 
 
 class ConfigError(ValueError):
@@ -73,6 +73,7 @@ class MIDStageConfig:
     train_weights: tuple = (1.0, 1.5, 0.8)   # (w_LC, w_AC, w_CC) meta-train
     test_weights: tuple = (1.0, 1.0, 1.0)    # (w_LC, w_AC, w_CC) meta-test
     softmax_axis: int = -1               # feature softmax axis (-1: channels, as the official code)
+    kl_reduction: str = "elementwise_mean"   # official (PyTorch KLDivLoss default) | distribution_mean
     attack_source: str = "target"        # target | student
     sync_inner_gradient: bool = True
     val_examples: int = 500              # per-epoch validation slice (0: off)
@@ -95,6 +96,8 @@ class MIDStageConfig:
                 raise ConfigError(f"{flag} takes three non-negative weights LC,AC,CC, got {w}")
         if self.alpha < 0 or self.beta < 0:
             raise ConfigError("--meta_alpha and --meta_beta must be >= 0")
+        if self.kl_reduction not in ("elementwise_mean", "distribution_mean"):
+            raise ConfigError(f"--kl_reduction must be elementwise_mean or distribution_mean, got {self.kl_reduction}")
         if self.student_init not in ("random", "teacher"):
             raise ConfigError(f"--student_init must be random or teacher, got {self.student_init}")
         if self.attack_cache_epochs < 0:
@@ -102,6 +105,25 @@ class MIDStageConfig:
         if self.attack_cache_epochs and self.attack_source != "target":
             raise ConfigError("--attack_cache_epochs needs --attack_source=target: attacks on the student change "
                               "with every step and cannot be cached")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """The adversarial-training baselines (stages pgd_at, trades; training/baselines.py)."""
+    epochs: int = 10
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"
+    attack: str = "pgd10"          # inner attack (registry name): untargeted PGD/BIM/FGSM
+    trades_beta: float = 6.0       # TRADES robustness weight (Zhang et al. 2019 use 6 on MNIST)
+
+    def validate(self) -> None:
+        if self.epochs < 0 or not self.learning_rate > 0:
+            raise ConfigError("--baseline_epochs must be >= 0 and --baseline_lr positive")
+        if self.trades_beta < 0:
+            raise ConfigError(f"--trades_beta must be >= 0, got {self.trades_beta}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"--lr_schedule must be constant or cosine, got {self.lr_schedule}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +139,12 @@ class RunConfig:
     verbose: int = 1                   # Keras progress: 0 silent, 1 bar, 2 one line per epoch
     eval_batch_size: int = 1000
     mid: MIDStageConfig = MIDStageConfig()
+    baseline: BaselineConfig = BaselineConfig()
     strategy: str = "default"          # default | mirrored | multi_worker
     eval_attacks: tuple = ("fgsm", "pgd40")      # eval stage: transfer attacks crafted on the target
-    eval_whitebox_attacks: tuple = ("pgd40",)    # eval stage: attacks on the MID pipeline itself
+    eval_whitebox_attacks: tuple = ("pgd40",)    # eval stage: attacks crafted on each model itself
+    eval_slow_examples: int = 1000               # eval stage: images for eager-only attacks (CW, SPSA, ART)
+    eval_eps_sweep: tuple = (0.1, 0.2, 0.3, 1.0)  # eval stage: white-box PGD-40 eps sweep (sanity check)
     extras: dict = dataclasses.field(default_factory=dict)  # stage configs added by later stages
 
     def validate(self) -> "RunConfig":
@@ -136,6 +161,11 @@ class RunConfig:
         self.target.validate("target")
         self.teacher.validate("teacher")
         self.mid.validate()
+        self.baseline.validate()
+        if self.eval_slow_examples <= 0:
+            raise ConfigError(f"--eval_slow_examples must be positive, got {self.eval_slow_examples}")
+        if any(not 0 < e <= 1 for e in self.eval_eps_sweep):
+            raise ConfigError(f"--eval_eps_sweep values must be in (0, 1], got {self.eval_eps_sweep}")
         if self.strategy not in ("default", "mirrored", "multi_worker"):
             raise ConfigError(f"--strategy must be default, mirrored or multi_worker, got {self.strategy}")
         return self

@@ -3,7 +3,9 @@
   target   the undefended LeNet-5 / ResNet the paper's attacks are crafted on
   teacher  E_t, D_t, C trained on clean data (CE + reconstruction), then frozen
   mid      the student encoder E_s meta-trained over the Attacker Pool (training/meta.py)
-  eval     a short robustness summary: transfer attacks from the target, white-box on C(E_s(.))
+  pgd_at   baseline: the target's architecture trained by PGD adversarial training (Madry et al.)
+  trades   baseline: the same architecture trained by TRADES (Zhang et al.)
+  eval     robustness report: every model present, transfer and white-box attacks, known vs unknown
 A completed stage (`<model_dir>/<stage>/done.json`) is loaded, not retrained; an interrupted one
 resumes from its last step checkpoint. Further stages plug in through `register_stage`.
 """
@@ -26,7 +28,8 @@ from mid_tf.models import MIDModels, build_autoencoder, build_models, build_pipe
 from mid_tf.training import distribute, metrics, stage1
 
 # stage -> stages whose outputs it needs
-_REQUIRES = {"target": (), "teacher": (), "mid": ("target", "teacher"), "eval": ("target", "teacher", "mid")}
+_REQUIRES = {"target": (), "teacher": (), "pgd_at": (), "trades": (), "mid": ("target", "teacher"),
+             "eval": ("target", "teacher", "mid")}
 
 
 class Context:
@@ -104,19 +107,56 @@ def _run_mid(ctx: Context) -> dict:
     return result
 
 
+def _run_baseline(method: str):
+    def run(ctx: Context) -> dict:
+        from mid_tf.training import baselines
+
+        cfg, models = ctx.cfg, ctx.models
+        t0 = time.time()
+        if artifacts.is_done(cfg.model_dir, method):
+            result = artifacts.load_stage(cfg.model_dir, method, models)
+        else:
+            resumed = baselines.train_baseline(models, ctx.train_split, cfg.baseline, method, **ctx.fit_kwargs(method))
+            result = {"epochs": cfg.baseline.epochs, "attack": cfg.baseline.attack, "resumed_from_step": resumed,
+                      "train_examples": len(ctx.train_split), "train_time_s": round(time.time() - t0, 1)}
+            if method == "trades":
+                result["trades_beta"] = cfg.baseline.trades_beta
+        result["clean_accuracy"] = metrics.accuracy(getattr(models, method), ctx.test_ds)
+        artifacts.mark_done(cfg.model_dir, method, models, result)
+        stage1.freeze(getattr(models, method))
+        return result
+    return run
+
+
 def _run_eval(ctx: Context) -> dict:
-    from mid_tf.evaluation.summary import evaluate_summary, format_eval
+    """The robustness report (evaluation/report.py) over every model this model_dir has."""
+    from mid_tf.evaluation import report as report_lib
+    from mid_tf.models import build_regenerator
 
-    cfg = ctx.cfg
-    result = evaluate_summary(ctx.models, ctx.test_split.images, ctx.test_split.labels,
-                              transfer_attacks=cfg.eval_attacks, whitebox_attacks=cfg.eval_whitebox_attacks,
-                              seed=cfg.seed, progress=bool(cfg.verbose), test_ds=ctx.test_ds)
-    print(format_eval(result), flush=True)
-    artifacts.write_json_atomic(os.path.join(cfg.model_dir, "eval", "summary_eval.json"), result)
-    return result
+    cfg, models = ctx.cfg, ctx.models
+    nets = {"target": models.target, "mid": build_pipeline(models.student_encoder, models.classifier, name="mid")}
+    for baseline in ("pgd_at", "trades"):
+        if artifacts.is_done(cfg.model_dir, baseline):
+            if baseline not in cfg.stages:
+                artifacts.load_stage(cfg.model_dir, baseline, models)
+            nets[baseline] = getattr(models, baseline)
+    report, grids = report_lib.build_report(
+        nets, ctx.test_split.images, ctx.test_split.labels, attacks=list(cfg.eval_attacks),
+        whitebox_attacks=list(cfg.eval_whitebox_attacks), pool=report_lib.pool_names(cfg.mid.pool),
+        regenerator=build_regenerator(models.student_encoder, models.decoder), slow_examples=cfg.eval_slow_examples,
+        seed=cfg.seed, eps_sweep=cfg.eval_eps_sweep, dataset=cfg.data.dataset, config=cfg.to_json(),
+        progress=bool(cfg.verbose), grid_attacks=tuple(report_lib.base_name(a) for a in cfg.eval_attacks[:3]))
+    paths = report_lib.write_report(report, os.path.join(cfg.model_dir, "eval"), grids)
+    report_lib.log_tensorboard(report, os.path.join(cfg.model_dir, "logs", "eval"), grids)
+    print(report_lib.format_console(report), flush=True)
+    print("report: " + ", ".join(paths.values()), flush=True)
+    return {"examples": report["examples"], "report": paths["md"], "sanity_flags": len(report["sanity"]),
+            "models": ",".join(report["models"]), "clean": report["clean"], "transfer": report["transfer"],
+            "whitebox": report["whitebox"], "summary": report["summary"]}
 
 
-_RUNNERS = {"target": _run_target, "teacher": _run_teacher, "mid": _run_mid, "eval": _run_eval}
+_RUNNERS = {"target": _run_target, "teacher": _run_teacher, "pgd_at": _run_baseline("pgd_at"),
+            "trades": _run_baseline("trades"), "mid": _run_mid, "eval": _run_eval}
 
 
 def register_stage(name: str, runner) -> None:

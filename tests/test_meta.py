@@ -187,14 +187,17 @@ def test_mid_stage_resumes_after_a_kill(tmp_path, mnist_small):
 
 def test_flagfiles_parse():
     repo = os.path.dirname(HERE)
-    for flagfile in ("configs/mnist.flags",):
+    cases = {("configs/mnist.flags",): "target,teacher,mid,eval",
+             ("configs/mnist.flags", "configs/mnist_eval.flags"): "target,teacher,pgd_at,trades,mid,eval"}
+    for flagfiles, stages in cases.items():
+        argv = ", ".join(repr(f"--flagfile={f}") for f in flagfiles)
         proc = subprocess.run([sys.executable, "-c", (
-            "import sys; sys.argv=['train.py', '--flagfile=%s']; import train; "
+            "import sys; sys.argv=['train.py', %s]; import train; "
             "from absl import flags; flags.FLAGS(sys.argv); cfg = train.build_config(); cfg.validate(); "
-            "print('STAGES', ','.join(cfg.stages), 'POOL', cfg.mid.pool)" % flagfile)],
+            "print('STAGES', ','.join(cfg.stages), 'POOL', cfg.mid.pool)" % argv)],
             cwd=repo, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "STAGES target,teacher,mid,eval" in proc.stdout, proc.stdout
+        assert f"STAGES {stages}" in proc.stdout, proc.stdout
 
 
 def test_student_init_from_teacher_and_validation(tmp_path, mnist_small):
@@ -219,3 +222,59 @@ def test_student_init_from_teacher_and_validation(tmp_path, mnist_small):
     assert any(not np.array_equal(a, b) for a, b in zip(student, teacher))
     for a, b in zip(teacher, models.teacher_encoder.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_train_step_traces_once_across_steps_and_epochs():
+    """No retracing inside the loop: the held-out index, the attack seeds and the step are tensors."""
+    keras.utils.set_random_seed(2)
+    models = build_models("mnist", width=0.125)
+    traces = []
+
+    class Counting(MetaInvarianceDefense):
+        def train_step(self, data):
+            traces.append(1)  # Python side effect: runs once per trace, not per step
+            return super().train_step(data)
+
+    mid = Counting(student_encoder=models.student_encoder, teacher_encoder=models.teacher_encoder,
+                   decoder=models.decoder, classifier=models.classifier, target=models.target,
+                   pool=AttackPool("clean,fgsm,pgd40:nb_iter=2,eps_iter=0.15", seed=0))
+    mid.compile(optimizer=keras.optimizers.Adam(1e-3))
+    mid.optimizer.build(models.student_encoder.trainable_variables)  # as train_mid does: no variable
+    # creation inside the first trace (tf.function would trace twice to lift the initializers)
+    x = np.random.default_rng(0).random((24, 28, 28, 1)).astype(np.float32)
+    y = np.arange(24) % 10
+    mid.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert int(mid.optimizer.iterations.numpy()) == 6
+    assert len(traces) == 1, f"train_step traced {len(traces)} times in 6 steps"
+
+
+def test_mixed_bfloat16_step_keeps_float32_losses_and_moves_the_student():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(3)
+        models = build_models("mnist", width=0.125)
+        mid = _mid(models, FixedPool())
+        mid.compile(optimizer=keras.optimizers.Adam(1e-2))
+        w0 = [w.copy() for w in models.student_encoder.get_weights()]
+        t0 = [w.copy() for w in models.teacher_encoder.get_weights()]
+        x = tf.random.uniform((8, 28, 28, 1))
+        logs = tf.function(lambda: mid.train_step((x, tf.range(8) % 10)))()
+        assert logs["loss"].dtype == tf.float32 and np.isfinite(float(logs["loss"]))
+        assert all(w.dtype == np.float32 for w in models.student_encoder.get_weights())
+        assert any(not np.allclose(a, b) for a, b in zip(w0, models.student_encoder.get_weights()))
+        assert all(np.array_equal(a, b) for a, b in zip(t0, models.teacher_encoder.get_weights()))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_kl_reductions_official_and_per_distribution():
+    from mid_tf.training.losses import kl_divergence
+    rng = np.random.default_rng(0)
+    t, s = (tf.constant(rng.normal(size=(2, 3, 3, 8)), tf.float32) for _ in range(2))
+    official = float(kl_divergence(t, s, -1, "elementwise_mean"))
+    per_dist = float(kl_divergence(t, s, -1, "distribution_mean"))
+    p, q = tf.nn.softmax(t), tf.nn.softmax(s)
+    manual = float(tf.reduce_mean(tf.reduce_sum(p * (tf.math.log(p) - tf.math.log(q)), -1)))
+    assert per_dist == pytest.approx(manual, rel=1e-5) and official == pytest.approx(manual / 8, rel=1e-5)
+    with pytest.raises(ValueError, match="kl_reduction"):
+        MetaConfig(kl_reduction="sum").validate()

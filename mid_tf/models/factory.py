@@ -35,6 +35,9 @@ class MIDModels:
     student_encoder: keras.Model
     input_shape: tuple
     num_classes: int
+    # Adversarial-training baselines (stages pgd_at, trades): the target's architecture, own weights.
+    pgd_at: keras.Model | None = None
+    trades: keras.Model | None = None
 
 
 def family_for(dataset: str):
@@ -59,6 +62,8 @@ def build_models(dataset: str = "mnist", width: float = 1.0, student_width: floa
         student_encoder=module.build_encoder(shape, width=student_width, name="student_encoder"),
         input_shape=shape,
         num_classes=classes,
+        pgd_at=module.build_target(shape, classes, width=width, name="pgd_at"),
+        trades=module.build_target(shape, classes, width=width, name="trades"),
     )
 
 

@@ -32,19 +32,48 @@ class LossWeights:
             raise ValueError(f"{flag}: loss weights must be >= 0 and not all zero, got {self}")
 
 
+def _loss_dtype(t):
+    """bfloat16/float16 activations (mixed precision) -> float32; float32/float64 unchanged."""
+    return tf.cast(t, tf.float32) if t.dtype in (tf.bfloat16, tf.float16) else t
+
+
+KL_REDUCTIONS = ("elementwise_mean", "distribution_mean")
+
+
+def kl_divergence(teacher_logits, student_logits, axis: int = -1, reduction: str = "elementwise_mean"):
+    """KL(softmax teacher || softmax student) along `axis`, reduced as asked:
+
+    elementwise_mean   mean over every element, PyTorch `KLDivLoss()`'s default (the official code): the
+                       per-location KL divided by the number of channels (64 for LeNet), which makes the
+                       feature terms ~1e-3 next to the CE term
+    distribution_mean  the KL of each distribution (summed over `axis`), averaged over batch and
+                       locations (PyTorch's 'batchmean' up to the location average)
+    """
+    if reduction == "elementwise_mean":
+        return kl_elementwise_mean(teacher_logits, student_logits, axis)
+    if reduction != "distribution_mean":
+        raise ValueError(f"KL reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
+    return kl_elementwise_mean(teacher_logits, student_logits, axis) * tf.cast(
+        tf.shape(student_logits)[axis], tf.float32 if student_logits.dtype != tf.float64 else tf.float64)
+
+
 def kl_elementwise_mean(teacher_logits, student_logits, axis: int = -1):
-    """mean over all elements of p * (log p - log q), p = softmax(teacher), q = softmax(student)."""
+    """mean over all elements of p * (log p - log q), p = softmax(teacher), q = softmax(student).
+
+    Computed in float32 whatever the compute dtype (mixed precision): losses stay float32."""
+    teacher_logits, student_logits = _loss_dtype(teacher_logits), _loss_dtype(student_logits)
     log_p = tf.nn.log_softmax(teacher_logits, axis=axis)
     log_q = tf.nn.log_softmax(student_logits, axis=axis)
     return tf.reduce_mean(tf.exp(log_p) * (log_p - log_q))
 
 
 def cross_entropy(labels, logits):
+    logits = _loss_dtype(logits)
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
 
 def multi_consistency(student_out: dict, teacher_clean_features, labels, *, classifier, decoder, teacher_encoder,
-                      weights: LossWeights, softmax_axis: int = -1) -> dict:
+                      weights: LossWeights, softmax_axis: int = -1, kl_reduction: str = "elementwise_mean") -> dict:
     """The three terms and their weighted sum for one batch of student outputs.
 
     `student_out` is the student encoder's output dict ({"features", "indices"}); the frozen teacher
@@ -52,12 +81,12 @@ def multi_consistency(student_out: dict, teacher_clean_features, labels, *, clas
     """
     f = student_out["features"]
     terms = {"lc": cross_entropy(labels, classifier(f, training=False))}
-    terms["ac"] = kl_elementwise_mean(teacher_clean_features, f, axis=softmax_axis)
+    terms["ac"] = kl_divergence(teacher_clean_features, f, softmax_axis, kl_reduction)
     if weights.cc:
         regenerated = decoder([f, *student_out["indices"]], training=False)
         cyclic = teacher_encoder(regenerated, training=False)["features"]
-        terms["cc"] = kl_elementwise_mean(teacher_clean_features, cyclic, axis=softmax_axis)
+        terms["cc"] = kl_divergence(teacher_clean_features, cyclic, softmax_axis, kl_reduction)
     else:
-        terms["cc"] = tf.zeros((), f.dtype)
+        terms["cc"] = tf.zeros((), terms["lc"].dtype)
     terms["total"] = weights.lc * terms["lc"] + weights.ac * terms["ac"] + weights.cc * terms["cc"]
     return terms

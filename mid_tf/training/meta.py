@@ -26,7 +26,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from mid_tf.training.losses import LossWeights, multi_consistency
+from mid_tf.training.losses import KL_REDUCTIONS, LossWeights, multi_consistency
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,7 @@ class MetaConfig:
     train_weights: LossWeights = LossWeights(1.0, 1.5, 0.8)   # official meta-train weights
     test_weights: LossWeights = LossWeights(1.0, 1.0, 1.0)    # official meta-test weights
     softmax_axis: int = -1               # feature softmax axis: -1 = channels (official)
+    kl_reduction: str = "elementwise_mean"   # official; "distribution_mean": true per-location KL (losses.py)
     attack_source: str = "target"        # target (paper's transfer protocol) | student (white-box)
     sync_inner_gradient: bool = True     # all-reduce the inner gradient across replicas
 
@@ -47,6 +48,8 @@ class MetaConfig:
             raise ValueError(f"--meta_alpha and --meta_beta must be >= 0, got {self.alpha}, {self.beta}")
         if self.attack_source not in ("target", "student"):
             raise ValueError(f"--attack_source must be target or student, got {self.attack_source}")
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"--kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction}")
         self.train_weights.validate("--meta_train_weights")
         self.test_weights.validate("--meta_test_weights")
         return self
@@ -92,7 +95,7 @@ class MetaInvarianceDefense(keras.Model):
         out, non_trainable = self._student(params, non_trainable, x_in)
         terms = multi_consistency(out, f_t, y, classifier=self.classifier, decoder=self.decoder,
                                   teacher_encoder=self.teacher_encoder, weights=weights,
-                                  softmax_axis=self.config.softmax_axis)
+                                  softmax_axis=self.config.softmax_axis, kl_reduction=self.config.kl_reduction)
         return terms, non_trainable
 
     def _attack_source(self):

@@ -22,7 +22,7 @@ from mid_tf.training.resumable import fit_resumable, latest_step
 def meta_config(cfg: MIDStageConfig) -> MetaConfig:
     return MetaConfig(alpha=cfg.alpha, beta=cfg.beta, meta_order=cfg.meta_order,
                       train_weights=LossWeights(*cfg.train_weights), test_weights=LossWeights(*cfg.test_weights),
-                      softmax_axis=cfg.softmax_axis, attack_source=cfg.attack_source,
+                      softmax_axis=cfg.softmax_axis, kl_reduction=cfg.kl_reduction, attack_source=cfg.attack_source,
                       sync_inner_gradient=cfg.sync_inner_gradient)
 
 

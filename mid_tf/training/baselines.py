@@ -1,0 +1,113 @@
+"""Adversarial-training baselines, trained by the same code, data stream and flags as MID.
+
+  pgd_at  Madry et al. 2018: min_θ E[ CE(f(x~), y) ],  x~ = PGD on CE against the current f (white-box)
+  trades  Zhang et al. 2019: min_θ E[ CE(f(x), y) + β·KL(softmax f(x) ‖ softmax f(x~)) ],
+          x~ = PGD maximising that KL from x + U(-0.001, 0.001) (the paper's small random start)
+Both wrap a network with the target's architecture, so the evaluation compares like with like. The
+inner attack is a registry spec (`--baseline_attack`, default `pgd10`: ε 0.3, 10 steps of 0.04 with a
+random start, the CPU-sized version of Madry's 40 steps of 0.01) run with CleverHans inside the
+compiled train_step; its seed is folded from the step, so a resumed run redraws the same starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+from mid_tf.attacks import cleverhans_compat, get_spec, make_attack
+from mid_tf.attacks.cleverhans_compat import fold
+
+BASELINES = ("pgd_at", "trades")
+
+
+def _kl_rows(p_logits, q_logits):
+    """Per-example KL(softmax p ‖ softmax q)."""
+    log_p, log_q = tf.nn.log_softmax(p_logits), tf.nn.log_softmax(q_logits)
+    return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+class AdversarialTraining(keras.Model):
+    """`net` trained by PGD-AT or TRADES; `call` is the plain classifier (logits)."""
+
+    def __init__(self, net: keras.Model, method: str, attack: str = "pgd10", trades_beta: float = 6.0,
+                 seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if method not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {method!r}")
+        spec = get_spec(attack)
+        if not spec.graph_safe or spec.method not in ("pgd", "bim", "fgm") or spec.targeted:
+            raise ValueError(f"--baseline_attack must be an untargeted graph-safe PGD/BIM/FGSM spec, got {attack!r}")
+        self.net, self.method, self.spec, self.trades_beta, self.seed = net, method, spec, trades_beta, seed
+        self._attack = make_attack(spec)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.acc_tracker = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
+
+    def call(self, x, training=False):
+        return self.net(x, training=training)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.acc_tracker]
+
+    def _logits(self, z):
+        return self.net(z, training=False)
+
+    def _trades_adversary(self, x, clean_logits, seed):
+        from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
+        s = self.spec
+
+        def kl_loss(labels, logits):  # CleverHans maximises loss_fn(labels=y, logits=f(x~)); y = clean logits
+            return _kl_rows(labels, logits)
+
+        ctx = cleverhans_compat.seeded_random_start(seed) if s.rand_init else contextlib.nullcontext()
+        with ctx:
+            adv = projected_gradient_descent(self._logits, x, s.eps, s.eps_iter, s.nb_iter, s.norm, loss_fn=kl_loss,
+                                             clip_min=0.0, clip_max=1.0, y=clean_logits, rand_init=True,
+                                             rand_minmax=0.001, sanity_checks=False)
+        return tf.stop_gradient(adv)
+
+    def train_step(self, data):
+        x, y = data
+        y = tf.cast(y, tf.int64)
+        seed = fold(tf.constant([self.seed, 17], tf.int64), tf.cast(self.optimizer.iterations, tf.int64))
+        if self.method == "pgd_at":
+            x_adv = self._attack(self._logits, x, y, seed=seed)
+        else:
+            x_adv = self._trades_adversary(x, tf.stop_gradient(self._logits(x)), seed)
+        with tf.GradientTape() as tape:
+            adv_logits = self.net(x_adv, training=True)
+            if self.method == "pgd_at":
+                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, adv_logits))
+            else:
+                clean_logits = self.net(x, training=True)
+                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, clean_logits)
+                                      + self.trades_beta * _kl_rows(clean_logits, adv_logits))
+            scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
+        grads = tape.gradient(scaled, self.net.trainable_variables)
+        self.optimizer.apply(grads, self.net.trainable_variables)
+        self.loss_tracker.update_state(loss)
+        self.acc_tracker.update_state(y, adv_logits)
+        return {m.name: m.result() for m in self.metrics}
+
+
+def train_baseline(models, split, cfg, method: str, *, seed: int, model_dir: str, checkpoint_every: int,
+                   verbose: int, callbacks=()) -> int:
+    """Trains `models.<method>` resumably (checkpoints in <model_dir>/<method>/ckpt); returns the resumed step."""
+    import os
+
+    from mid_tf.data import steps_per_epoch, train_stream
+    from mid_tf.training.resumable import fit_resumable
+    from mid_tf.training.stage1 import make_optimizer
+
+    net = getattr(models, method)
+    model = AdversarialTraining(net, method, attack=cfg.attack, trades_beta=cfg.trades_beta, seed=seed,
+                                name=f"{method}_trainer")
+    spe = steps_per_epoch(split, cfg.batch_size)
+    model.compile(optimizer=make_optimizer(cfg, cfg.epochs * spe))
+    model.optimizer.build(net.trainable_variables)
+    tb = keras.callbacks.TensorBoard(os.path.join(model_dir, "logs", method), update_freq="epoch")
+    return fit_resumable(model, lambda start: train_stream(split, cfg.batch_size, seed=seed + 2, start_batch=start),
+                         epochs=cfg.epochs, steps_per_epoch=spe, ckpt_dir=os.path.join(model_dir, method, "ckpt"),
+                         checkpoint_every=checkpoint_every, callbacks=[tb, *callbacks], verbose=verbose)

@@ -1,0 +1,68 @@
+"""Adversarial-training baselines (PGD-AT, TRADES): they train on attacks crafted on themselves."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mid_tf.models import build_models
+from mid_tf.training.baselines import AdversarialTraining, _kl_rows
+
+
+def _data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 28, 28, 1)).astype(np.float32), (np.arange(n) % 10).astype(np.int64)
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades"])
+def test_baseline_steps_train_the_network_on_its_own_adversarials(method):
+    keras.utils.set_random_seed(0)
+    net = build_models("mnist", width=0.25).pgd_at
+    model = AdversarialTraining(net, method, attack="pgd40:nb_iter=3,eps_iter=0.1")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    w0 = [w.copy() for w in net.get_weights()]
+    x, y = _data()
+    hist = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert np.isfinite(hist.history["loss"][-1])
+    assert any(not np.allclose(a, b) for a, b in zip(w0, net.get_weights()))
+
+
+def test_trades_adversary_maximises_the_kl_it_trains_on():
+    keras.utils.set_random_seed(1)
+    net = build_models("mnist", width=0.25).trades
+    model = AdversarialTraining(net, "trades", attack="pgd40:nb_iter=5,eps_iter=0.1")
+    x, _ = _data(16)
+    x = tf.constant(x)
+    clean = net(x)
+    adv = model._trades_adversary(x, clean, tf.constant([0, 1], tf.int64))
+    assert float(tf.reduce_max(tf.abs(adv - x))) <= 0.3 + 1e-6
+    noise = tf.clip_by_value(x + tf.random.uniform(x.shape, -0.3, 0.3, seed=3), 0, 1)
+    assert float(tf.reduce_mean(_kl_rows(clean, net(adv)))) > 2 * float(tf.reduce_mean(_kl_rows(clean, net(noise))))
+
+
+def test_baseline_refuses_targeted_or_eager_inner_attacks():
+    net = build_models("mnist", width=0.25).pgd_at
+    for bad in ("pgd40_t0", "cw_l2", "mim40"):
+        with pytest.raises(ValueError, match="baseline_attack"):
+            AdversarialTraining(net, "pgd_at", attack=bad)
+    with pytest.raises(ValueError, match="baseline must be"):
+        AdversarialTraining(net, "madry", attack="pgd10")
+
+
+def test_baseline_stages_run_from_the_pipeline(tmp_path, mnist_data_dir):
+    from mid_tf import stages
+    from mid_tf.config import BaselineConfig, DataConfig, RunConfig
+
+    cfg = RunConfig(model_dir=str(tmp_path), data=DataConfig(data_dir=mnist_data_dir, train_examples=256,
+                                                             eval_examples=200),
+                    stages=("pgd_at", "trades"), width=0.25, verbose=0,
+                    baseline=BaselineConfig(epochs=1, batch_size=128, attack="pgd40:nb_iter=2,eps_iter=0.15"))
+    summary = stages.run(cfg)
+    for method in ("pgd_at", "trades"):
+        done = json.load(open(os.path.join(tmp_path, method, "done.json")))
+        assert 0.0 <= done["clean_accuracy"] <= 1.0
+        assert os.path.exists(os.path.join(tmp_path, method, f"{method}.weights.h5"))
+        assert summary["stages"][method]["epochs"] == 1

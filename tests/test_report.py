@@ -1,0 +1,134 @@
+"""The evaluation report: every registered attack, numbers that recompute, the schema, sanity flags."""
+
+import json
+import os
+
+import attack_fixtures as F
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mid_tf.attacks import REGISTRY
+from mid_tf.evaluation.report import (SCHEMA, attack_group, build_report, load_report, sanity_flags,
+                                      validate_report, write_report)
+from mid_tf.evaluation.robustness import accuracy, craft
+
+# Cheap settings for the eager-only attacks, same registered names.
+CHEAP = {"cw_l2": "max_iterations=10,binary_search_steps=1", "cw_l2_t0": "max_iterations=10,binary_search_steps=1",
+         "spsa": "nb_iter=3,spsa_samples=16", "spsa_t0": "nb_iter=3,spsa_samples=16",
+         "autoattack": "max_iter=5,square_max_iter=20", "apgd_ce": "max_iter=5", "apgd_dlr": "max_iter=5",
+         "square": "max_iter=20", "deepfool": "max_iter=5", "spatial": "num_translations=2,num_rotations=2"}
+POOL = ("clean", "pgd10", "pgd10_t0", "mim10", "mim10_t0")
+
+
+def _attack_list(names):
+    return [f"{n}:{CHEAP[n]}" if n in CHEAP else n for n in names]
+
+
+class Saturated(keras.Model):
+    """Gradient masking by construction: the target's logits x1000 saturate the softmax, so CE-gradient
+    attacks (FGSM, PGD) see exactly-zero gradients on every correctly classified image."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def call(self, x, training=False):
+        return 1000.0 * self.net(x, training=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return F.tiny_target(), F.test_batch(128)
+
+
+def test_report_covers_every_registered_attack_and_recomputes(tiny, tmp_path):
+    target, (x, y) = tiny
+    x, y = x[:24], y[:24]
+    other = F.train_target(width=0.25, train_examples=2000, seed=1)
+    names = [n for n in REGISTRY if n != "clean"]
+    report, grids = build_report({"target": target, "other": other}, x, y, attacks=_attack_list(names),
+                                 whitebox_attacks=["fgsm", "pgd40"], pool=POOL, slow_examples=8,
+                                 regenerator=lambda z: z, eps_sweep=(0.1, 0.3), progress=False,
+                                 grid_attacks=("pgd40",), grid_images=4)
+    assert set(report["transfer"]) == set(names)
+    assert report["attacks"]["cw_l2"]["examples"] == 8 and report["attacks"]["pgd40"]["examples"] == 24
+    assert report["attacks"]["pgd40"]["group"] == "known" and report["attacks"]["fgsm"]["group"] == "unknown"
+    # One number recomputed directly: transfer PGD-40 from the target, classified by `other`.
+    adv = craft("pgd40", lambda z: target(z, training=False), x, y, seed=0, progress=False)
+    assert report["transfer"]["pgd40"]["other"] == pytest.approx(accuracy(other, adv, y))
+    assert report["clean"]["other"] == pytest.approx(accuracy(other, x, y))
+    assert report["whitebox"]["pgd40"]["target"] == report["transfer"]["pgd40"]["target"]
+    validate_report(report)
+    paths = write_report(report, str(tmp_path), grids)
+    for key in ("json", "md", "transfer_png", "whitebox_png", "grid_pgd40"):
+        assert os.path.getsize(paths[key]) > 100, key
+    again = load_report(paths["json"])
+    assert again["schema"] == SCHEMA and again["transfer"]["pgd40"] == report["transfer"]["pgd40"]
+    md = open(paths["md"]).read()
+    assert "mean unknown" in md and "| cw_l2 |" in md
+
+
+def test_schema_validation_names_the_broken_key(tiny):
+    target, (x, y) = tiny
+    report, _ = build_report({"target": target}, x[:8], y[:8], attacks=["fgsm"], pool=POOL, eps_sweep=(),
+                             progress=False)
+    validate_report(report)
+    for key in ("summary", "sanity"):
+        broken = json.loads(json.dumps(report))
+        del broken[key]
+        with pytest.raises(ValueError, match=key):
+            validate_report(broken)
+    broken = json.loads(json.dumps(report))
+    broken["transfer"]["fgsm"]["target"] = 1.5
+    with pytest.raises(ValueError, match="transfer.fgsm.target"):
+        validate_report(broken)
+
+
+def test_sanity_flags_fire_on_a_gradient_masking_model_and_not_on_its_honest_twin(tiny):
+    target, (x, y) = tiny
+    x, y = x[:64], y[:64]
+    masked = Saturated(target)
+    report, _ = build_report({"target": target, "masked": masked, "honest": target}, x, y,
+                             attacks=["fgsm", "pgd40"], pool=POOL, eps_sweep=(0.3, 1.0), progress=False)
+    fired = {(f["flag"], f["model"]) for f in report["sanity"]}
+    assert ("whitebox_above_transfer", "masked") in fired, report["sanity"]
+    assert ("large_eps_not_zero", "masked") in fired, report["sanity"]
+    assert not {m for _, m in fired} & {"honest"}, report["sanity"]
+    # The checks on constructed numbers: a weaker attack beating a stronger one, eps going the wrong way.
+    fake = {"transfer": {"fgsm": {"m": 0.1}, "pgd40": {"m": 0.5}}, "whitebox": {}, "eps_sweep": {"m": {"0.1": 0.2,
+            "0.3": 0.6}}, "zero_gradient_fraction": {"m": 0.5}}
+    kinds = {f["flag"] for f in sanity_flags(fake)}
+    assert kinds == {"weaker_beats_stronger", "eps_not_monotone", "zero_gradients"}
+
+
+def test_known_and_unknown_follow_the_pool():
+    assert attack_group("pgd40", POOL) == "known" and attack_group("mim40_t0", POOL) == "known"
+    assert attack_group("pgd_l2", POOL) == "unknown" and attack_group("cw_l2", POOL) == "unknown"
+    assert attack_group("fgsm", ("clean", "fgsm")) == "known"
+
+
+def test_eval_stage_writes_report_figures_and_tensorboard(tmp_path, mnist_data_dir):
+    from mid_tf import stages
+    from mid_tf.config import BaselineConfig, DataConfig, MIDStageConfig, RunConfig, StageTrainConfig
+
+    quick = "pgd40:nb_iter=2,eps_iter=0.15"
+    cfg = RunConfig(model_dir=str(tmp_path), data=DataConfig(data_dir=mnist_data_dir, train_examples=512,
+                                                             eval_examples=64),
+                    stages=("target", "teacher", "pgd_at", "mid", "eval"), width=0.25, verbose=0,
+                    target=StageTrainConfig(epochs=1, batch_size=128), teacher=StageTrainConfig(epochs=1, batch_size=128),
+                    baseline=BaselineConfig(epochs=1, batch_size=128, attack=quick),
+                    mid=MIDStageConfig(epochs=1, batch_size=128, steps_per_epoch=2, learning_rate=1e-3, val_examples=0,
+                                       pool=f"clean,fgsm,{quick}"),
+                    eval_attacks=("fgsm", "pgd40:nb_iter=5,eps_iter=0.1"), eval_whitebox_attacks=("fgsm",),
+                    eval_eps_sweep=(0.3, 1.0))
+    summary = stages.run(cfg)
+    report = load_report(os.path.join(tmp_path, "eval", "report.json"))
+    assert report["models"] == ["target", "mid", "pgd_at"] and report["examples"] == 64
+    assert set(report["transfer"]) == {"fgsm", "pgd40"} and set(report["whitebox"]["fgsm"]) == set(report["models"])
+    assert report["attacks"]["pgd40"]["group"] == "known" and report["attacks"]["fgsm"]["group"] == "known"
+    for name in ("report.md", "robust_accuracy_transfer.png", "robust_accuracy_whitebox.png", "grid_fgsm.png"):
+        assert os.path.getsize(os.path.join(tmp_path, "eval", name)) > 100, name
+    assert os.listdir(os.path.join(tmp_path, "logs", "eval"))
+    assert summary["stages"]["eval"]["clean"]["mid"] == report["clean"]["mid"]
