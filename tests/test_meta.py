@@ -53,11 +53,14 @@ def _directional(g, d):
     return float(sum(tf.reduce_sum(gi * di) for gi, di in zip(g, d)))
 
 
+def _tiny_float64(seed):
+    """A width-1/8 model set and a float64 batch of 4 (inside the float64 fixture)."""
+    keras.utils.set_random_seed(seed)
+    return build_models("mnist", width=0.125), tf.random.uniform((4, 28, 28, 1), dtype=tf.float64), tf.constant([1, 2, 3, 4])
+
+
 def test_outer_gradient_is_the_exact_second_order_derivative(float64):
-    keras.utils.set_random_seed(1)
-    models = build_models("mnist", width=0.125)
-    x = tf.random.uniform((4, 28, 28, 1), dtype=tf.float64)
-    y = tf.constant([1, 2, 3, 4])
+    models, x, y = _tiny_float64(1)
     second = _mid(models, FixedPool(), alpha=0.5, beta=1.0, meta_order=2)
     first = _mid(models, FixedPool(), alpha=0.5, beta=1.0, meta_order=1)
     g2, *_ = second.meta_gradients(x, y, 0)
@@ -72,6 +75,23 @@ def test_outer_gradient_is_the_exact_second_order_derivative(float64):
         fd = float(jp - jm) / (2 * eps)
         assert abs(_directional(g2, d) - fd) <= 1e-6 * abs(fd)
         assert abs(_directional(g1, d) - fd) > 1e-3 * abs(fd)  # the first-order approximation is not it
+
+
+def test_first_order_path_equals_the_taped_first_order_gradient(float64):
+    """meta_order=1 skips the outer tape; its gradient must equal d/dθ of the first-order objective."""
+    models, x, y = _tiny_float64(4)
+    first = _mid(models, FixedPool(), alpha=0.5, beta=0.7, meta_order=1)
+    g_fast, logs, *_ = first.meta_gradients(x, y, 0)
+    batch = first._prepare(x, y, 0)
+    state = [v.value for v in models.student_encoder.non_trainable_variables]
+    theta = [v.value for v in models.student_encoder.trainable_variables]
+    with tf.GradientTape() as tape:
+        tape.watch(theta)
+        total, _, _ = first._meta_objective(theta, state, batch)
+    g_ref = tape.gradient(total, theta)
+    for a, b in zip(g_fast, g_ref):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
+    assert float(logs["loss"]) == pytest.approx(float(total), rel=1e-12)
 
 
 def test_held_out_task_is_the_one_used_in_meta_test():

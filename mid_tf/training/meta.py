@@ -13,7 +13,9 @@ Read it against the pseudo-code of mid-method.md §1.6 — same order, same name
 
 θ' is never assigned to variables: the student is run functionally with `stateless_call`, so the
 outer tape differentiates through the inner gradient (Hessian-vector products, never a Hessian).
-`meta_order=1` stops the gradient through ∇θ L_train (first-order MAML/MLDG approximation).
+`meta_order=1` stops the gradient through ∇θ L_train (first-order MAML/MLDG approximation); its
+gradient is then computed without the outer tape (`_first_order_gradients`, same numbers, one backward
+pass less).
 Only E_s is trainable; E_t, D_t, C and the target are frozen by construction (`trainable=False`).
 Under a distribution strategy each replica adapts on its shard; with `sync_inner_gradient` the
 inner gradient is all-reduced (mean) so θ' equals the single-device θ' of the global batch.
@@ -154,6 +156,8 @@ class MetaInvarianceDefense(keras.Model):
         batch = self._prepare(x, y, step, tasks)
         state = [v.value for v in self.student_encoder.non_trainable_variables]
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if self.config.meta_order == 1:
+            return (*self._first_order_gradients(batch, state, replicas), batch["held_out"])
         with tf.GradientTape() as outer:
             theta = [v.value for v in self.student_encoder.trainable_variables]
             outer.watch(theta)
@@ -161,6 +165,35 @@ class MetaInvarianceDefense(keras.Model):
             scaled = total / replicas  # inside the tape: the optimizer all-reduce-sums gradients
         logs["loss"] = total
         return outer.gradient(scaled, theta), logs, state_after, batch["held_out"]
+
+    def _first_order_gradients(self, batch, state, replicas):
+        """meta_order=1: θ' = θ − α·stop_gradient(∇L_train), so dθ'/dθ = I and
+        ∇θ J = ∇θ L_train(θ) + β ∇θ' L_test(θ'): two tapes, each loss differentiated once (the outer
+        tape of the second-order path would run the backward pass of L_train a second time)."""
+        cfg = self.config
+        theta = [v.value for v in self.student_encoder.trainable_variables]
+        with tf.GradientTape() as inner:
+            inner.watch(theta)
+            train_terms, state_after = self._loss(theta, state, batch["x_train"], batch["f_t_train"],
+                                                  batch["y_train"], cfg.train_weights)
+            L_train = batch["k"] * train_terms["total"]
+        grad_local = inner.gradient(L_train, theta)
+        grad_train = grad_local
+        if replicas > 1 and cfg.sync_inner_gradient:
+            grad_train = tf.distribute.get_replica_context().all_reduce("mean", grad_local)
+        theta_prime = [w - cfg.alpha * g for w, g in zip(theta, grad_train)]
+        with tf.GradientTape() as test_tape:
+            test_tape.watch(theta_prime)
+            test_terms, _ = self._loss(theta_prime, state_after, batch["x_test"], batch["f_t"], batch["y"],
+                                       cfg.test_weights)
+            L_test = test_terms["total"]
+        grad_test = test_tape.gradient(L_test, theta_prime)
+        # Per replica, scaled by 1/replicas: the optimizer's all-reduce sums them (as the second-order path).
+        grads = [(g1 + cfg.beta * g2) / replicas for g1, g2 in zip(grad_local, grad_test)]
+        logs = {"L_train": L_train, "L_test": L_test, "loss": L_train + cfg.beta * L_test,
+                "train_lc": train_terms["lc"], "train_ac": train_terms["ac"], "train_cc": train_terms["cc"],
+                "test_lc": test_terms["lc"], "test_ac": test_terms["ac"], "test_cc": test_terms["cc"]}
+        return grads, logs, state_after
 
     def train_step(self, data):
         if len(data) == 3:  # (x, y, tasks [B, T, H, W, C]) from the attack cache
