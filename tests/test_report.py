@@ -97,7 +97,7 @@ def test_sanity_flags_fire_on_a_gradient_masking_model_and_not_on_its_honest_twi
     assert ("large_eps_not_zero", "masked") in fired, report["sanity"]
     assert not {m for _, m in fired} & {"honest"}, report["sanity"]
     # The checks on constructed numbers: a weaker attack beating a stronger one, eps going the wrong way.
-    fake = {"transfer": {"fgsm": {"m": 0.1}, "pgd40": {"m": 0.5}}, "whitebox": {}, "eps_sweep": {"m": {"0.1": 0.2,
+    fake = {"transfer": {}, "whitebox": {"fgsm": {"m": 0.1}, "pgd40": {"m": 0.5}}, "eps_sweep": {"m": {"0.1": 0.2,
             "0.3": 0.6}}, "zero_gradient_fraction": {"m": 0.5}}
     kinds = {f["flag"] for f in sanity_flags(fake)}
     assert kinds == {"weaker_beats_stronger", "eps_not_monotone", "zero_gradients"}
