@@ -187,6 +187,17 @@ def test_cw_l2_perturbs_per_example_const(fn, batch, clean_acc, monkeypatch):
         tf.function(lambda a: make_attack("cw_l2")(fn, a, None))(tf.constant(x))
 
 
+def test_targeted_cw_l2_on_more_images_than_its_batch_size(fn, batch):
+    """CleverHans chunks x by batch_size but not y; our wrapper chunks both (a 256-image batch broke)."""
+    x, y = batch[0][:10], batch[1][:10]
+    spec = get_spec("cw_l2_t0:max_iterations=60,binary_search_steps=2,learning_rate=0.1,batch_size=4")
+    adv = make_attack(spec)(fn, x, y).numpy()
+    assert adv.shape == x.shape
+    _check_bounds(spec, x, adv)
+    moved = np.abs(adv - x).reshape(10, -1).max(1) > 0.0
+    assert moved[:4].any() and moved[4:8].any() and moved[8:].any(), moved  # every chunk was attacked
+
+
 def test_spsa_perturbs_and_is_reproducible(fn, batch, clean_acc):
     x, y = batch[0][:8], batch[1][:8]
     spec = get_spec("spsa:nb_iter=15,spsa_samples=64,learning_rate=0.05")

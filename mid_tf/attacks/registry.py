@@ -323,7 +323,12 @@ def _cw_l2(spec: AttackSpec):
         # CleverHans CW is targeted iff y is given; untargeted uses the model's own predictions.
         tgt = attack_labels(spec, model_fn, tf.constant(x), y, seed).numpy() if spec.targeted else None
         p = {k: spec.param(k) for k in METHOD_PARAMS["cw_l2"]}
-        adv = carlini_wagner_l2(model_fn, x, y=tgt, targeted=spec.targeted, clip_min=0.0, clip_max=1.0, **p)
+        # CleverHans chunks x by its batch_size but passes the whole y to every chunk: chunk here instead.
+        bs = int(p["batch_size"])
+        adv = np.concatenate([
+            carlini_wagner_l2(model_fn, x[i:i + bs], y=None if tgt is None else tgt[i:i + bs],
+                              targeted=spec.targeted, clip_min=0.0, clip_max=1.0, **p)
+            for i in range(0, len(x), bs)])
         return tf.constant(np.clip(adv, 0.0, 1.0), tf.float32)
     return fn
 
