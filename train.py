@@ -56,6 +56,10 @@ flags.DEFINE_integer("attack_cache_epochs", 0, "Transfer protocol only: craft th
                      "the official code).", lower_bound=0)
 flags.DEFINE_enum("student_init", "random", ["random", "teacher"],
                   "Initial weights of the student encoder: random (official) or a copy of the teacher encoder's.")
+flags.DEFINE_enum("mid_precision", "float32", ["float32", "mixed_bfloat16"],
+                  "Compute dtype of MID training: mixed_bfloat16 = bfloat16 activations with float32 weights and "
+                  "losses (~1.65x faster on CPUs with AVX512_BF16/AMX; slower on others). The saved student, "
+                  "export and evaluation stay float32.")
 flags.DEFINE_float("meta_alpha", 1e-4, "Inner step size alpha: theta' = theta - alpha * grad L_train (official 1e-4).",
                    lower_bound=0.0)
 flags.DEFINE_float("meta_beta", 1.0, "Weight beta of the meta-test loss (official 1).", lower_bound=0.0)
@@ -144,6 +148,7 @@ def build_config():
             kl_reduction=FLAGS.kl_reduction,
             attack_source=FLAGS.attack_source, val_examples=FLAGS.val_examples,
             attack_cache_epochs=FLAGS.attack_cache_epochs, student_init=FLAGS.student_init,
+            precision=FLAGS.mid_precision,
             val_attacks=_attacks(FLAGS.val_attacks)),
         baseline=BaselineConfig(epochs=FLAGS.baseline_epochs, batch_size=FLAGS.batch_size,
                                 learning_rate=FLAGS.baseline_lr, lr_schedule=FLAGS.lr_schedule,

@@ -81,6 +81,7 @@ class MIDStageConfig:
     log_every_steps: int = 10            # TensorBoard batch-level logging period
     attack_cache_epochs: int = 0         # transfer protocol: reuse crafted attacks for K epochs (0: craft every step)
     student_init: str = "random"         # random (official) | teacher (start E_s from E_t's weights)
+    precision: str = "float32"           # float32 | mixed_bfloat16 (training only; see training/precision.py)
 
     def validate(self) -> None:
         if self.epochs < 0 or self.batch_size <= 0 or not self.learning_rate > 0:
@@ -98,6 +99,8 @@ class MIDStageConfig:
             raise ConfigError("--meta_alpha and --meta_beta must be >= 0")
         if self.kl_reduction not in ("elementwise_mean", "distribution_mean"):
             raise ConfigError(f"--kl_reduction must be elementwise_mean or distribution_mean, got {self.kl_reduction}")
+        if self.precision not in ("float32", "mixed_bfloat16"):
+            raise ConfigError(f"--mid_precision must be float32 or mixed_bfloat16, got {self.precision}")
         if self.student_init not in ("random", "teacher"):
             raise ConfigError(f"--student_init must be random or teacher, got {self.student_init}")
         if self.attack_cache_epochs < 0:

@@ -88,18 +88,22 @@ def _run_teacher(ctx: Context) -> dict:
 
 
 def _run_mid(ctx: Context) -> dict:
-    from mid_tf.training import mid_stage
+    from mid_tf.training import mid_stage, precision
 
     cfg, models = ctx.cfg, ctx.models
     t0 = time.time()
     if artifacts.is_done(cfg.model_dir, "mid"):
         result = artifacts.load_stage(cfg.model_dir, "mid", models)
     else:
-        _, resumed = mid_stage.train_mid(models, ctx.train_split, cfg.mid, seed=cfg.seed, model_dir=cfg.model_dir,
+        # bfloat16 training runs on a twin of the networks; the float32 ones are saved and evaluated.
+        twin = precision.mixed_twin(models, cfg.data.dataset, cfg.width, cfg.mid.precision)
+        _, resumed = mid_stage.train_mid(twin, ctx.train_split, cfg.mid, seed=cfg.seed, model_dir=cfg.model_dir,
                                          checkpoint_every=cfg.checkpoint_every, verbose=cfg.verbose,
                                          val_split=ctx.test_split)
+        precision.copy_student_back(twin, models)
         result = {"epochs": cfg.mid.epochs, "resumed_from_step": resumed, "pool": cfg.mid.pool,
                   "attack_source": cfg.mid.attack_source, "meta_order": cfg.mid.meta_order,
+                  "precision": cfg.mid.precision,
                   "train_examples": len(ctx.train_split), "train_time_s": round(time.time() - t0, 1)}
     pipeline = build_pipeline(models.student_encoder, models.classifier)
     result["clean_accuracy"] = metrics.accuracy(pipeline, ctx.test_ds)

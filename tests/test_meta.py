@@ -298,3 +298,30 @@ def test_kl_reductions_official_and_per_distribution():
     assert per_dist == pytest.approx(manual, rel=1e-5) and official == pytest.approx(manual / 8, rel=1e-5)
     with pytest.raises(ValueError, match="kl_reduction"):
         MetaConfig(kl_reduction="sum").validate()
+
+
+def test_mid_stage_in_mixed_bfloat16_trains_a_twin_and_keeps_float32_outputs(tmp_path, mnist_data_dir):
+    """--mid_precision=mixed_bfloat16: the student trained in bfloat16 lands in the float32 networks
+    that are saved and evaluated, the teacher is untouched, and the global policy is restored."""
+    from mid_tf import artifacts, stages
+    from mid_tf.config import DataConfig, MIDStageConfig, RunConfig, StageTrainConfig
+
+    cfg = RunConfig(model_dir=str(tmp_path / "run"), verbose=0, width=0.25, stages=("target", "teacher", "mid"),
+                    data=DataConfig(data_dir=mnist_data_dir, train_examples=512, eval_examples=200),
+                    target=StageTrainConfig(epochs=1, batch_size=64), teacher=StageTrainConfig(epochs=1, batch_size=64),
+                    mid=MIDStageConfig(epochs=1, batch_size=64, learning_rate=1e-3, val_examples=0,
+                                       steps_per_epoch=3, attack_cache_epochs=1, precision="mixed_bfloat16",
+                                       pool="clean,fgsm,pgd40:nb_iter=2,eps_iter=0.15"))
+    summary = stages.run(cfg)
+    assert keras.config.dtype_policy().name == "float32"
+    mid = summary["stages"]["mid"]
+    assert mid["precision"] == "mixed_bfloat16" and 0.0 <= mid["clean_accuracy"] <= 1.0
+    models = artifacts.load_models(cfg.model_dir, ("target", "teacher", "mid"))
+    assert models.student_encoder.compute_dtype == "float32"
+    student = models.student_encoder.get_weights()
+    assert all(w.dtype == np.float32 for w in student)
+    keras.utils.set_random_seed(cfg.seed)  # as stages.run: rebuilds the student's initial weights
+    initial = build_models("mnist", width=0.25).student_encoder.get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(student, initial))  # the bf16 training reached it
+    with pytest.raises(Exception, match="mid_precision"):
+        MIDStageConfig(precision="float16").validate()
