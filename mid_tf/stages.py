@@ -135,6 +135,7 @@ def _run_baseline(method: str):
 def _run_eval(ctx: Context) -> dict:
     """The robustness report (evaluation/report.py) over every model this model_dir has."""
     from mid_tf.evaluation import report as report_lib
+    from mid_tf.evaluation.memo import ReportMemo
     from mid_tf.models import build_regenerator
 
     cfg, models = ctx.cfg, ctx.models
@@ -149,7 +150,8 @@ def _run_eval(ctx: Context) -> dict:
         whitebox_attacks=list(cfg.eval_whitebox_attacks), pool=report_lib.pool_names(cfg.mid.pool),
         regenerator=build_regenerator(models.student_encoder, models.decoder), slow_examples=cfg.eval_slow_examples,
         seed=cfg.seed, eps_sweep=cfg.eval_eps_sweep, dataset=cfg.data.dataset, config=cfg.to_json(),
-        progress=bool(cfg.verbose), grid_attacks=tuple(report_lib.base_name(a) for a in cfg.eval_attacks[:3]))
+        progress=bool(cfg.verbose), grid_attacks=tuple(report_lib.base_name(a) for a in cfg.eval_attacks[:3]),
+        memo=ReportMemo(os.path.join(cfg.model_dir, "eval", "memo.json")))  # a killed evaluation resumes
     paths = report_lib.write_report(report, os.path.join(cfg.model_dir, "eval"), grids)
     report_lib.log_tensorboard(report, os.path.join(cfg.model_dir, "logs", "eval"), grids)
     print(report_lib.format_console(report), flush=True)

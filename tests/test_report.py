@@ -132,3 +132,45 @@ def test_eval_stage_writes_report_figures_and_tensorboard(tmp_path, mnist_data_d
         assert os.path.getsize(os.path.join(tmp_path, "eval", name)) > 100, name
     assert os.listdir(os.path.join(tmp_path, "logs", "eval"))
     assert summary["stages"]["eval"]["clean"]["mid"] == report["clean"]["mid"]
+
+
+def test_killed_evaluation_resumes_from_the_memo_and_retrained_models_are_redone(tiny, tmp_path, monkeypatch):
+    from mid_tf.evaluation import report as report_lib
+    from mid_tf.evaluation.memo import ReportMemo
+
+    target, (x, y) = tiny
+    x, y = x[:32], y[:32]
+    other = F.train_target(width=0.25, train_examples=2000, seed=1)
+    kwargs = dict(attacks=["fgsm", "pgd40:nb_iter=3,eps_iter=0.1"], whitebox_attacks=["fgsm", "pgd40:nb_iter=3,eps_iter=0.1"],
+                  pool=POOL, eps_sweep=(0.3,), progress=False)
+    fresh, _ = build_report({"target": target, "other": other}, x, y, **kwargs)
+    real_craft, calls = report_lib.craft, []
+
+    def counting(*a, **k):
+        calls.append(a[0])
+        return real_craft(*a, **k)
+
+    def killing(*a, **k):
+        calls.append(a[0])
+        if len(calls) == 4:  # 2 transfer attacks, white-box FGSM on `other` finished; killed in the 4th
+            raise KeyboardInterrupt("killed")
+        return real_craft(*a, **k)
+
+    path = str(tmp_path / "memo.json")
+    monkeypatch.setattr(report_lib, "craft", killing)
+    with pytest.raises(KeyboardInterrupt):
+        build_report({"target": target, "other": other}, x, y, memo=ReportMemo(path), **kwargs)
+    calls.clear()
+    monkeypatch.setattr(report_lib, "craft", counting)
+    memo = ReportMemo(path)
+    resumed, _ = build_report({"target": target, "other": other}, x, y, memo=memo, **kwargs)
+    assert memo.hits == 3 and len(calls) == 1 + 2  # white-box pgd40 on `other` + eps sweep of both models
+    for key in ("clean", "transfer", "whitebox", "eps_sweep", "zero_gradient_fraction", "summary"):
+        assert resumed[key] == fresh[key], key
+    # A retrained model (one weight changed) is evaluated anew; the untouched target is not.
+    w = other.get_weights()
+    w[-1] = w[-1] + 1.0
+    other.set_weights(w)
+    calls.clear()
+    build_report({"target": target, "other": other}, x, y, memo=ReportMemo(path), **kwargs)
+    assert len(calls) == 2 + 2 + 1  # both transfer attacks (scored by `other`), its 2 white-box, its sweep

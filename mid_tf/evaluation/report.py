@@ -37,6 +37,7 @@ report.json schema (`SCHEMA`, checked by `validate_report`):
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -45,6 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from mid_tf.attacks import get_spec
+from mid_tf.evaluation.memo import ReportMemo, fingerprint
 from mid_tf.evaluation.robustness import accuracy, craft
 
 SCHEMA = "mid_tf.eval_report/1"
@@ -173,10 +175,11 @@ def build_report(models: dict, x: np.ndarray, y: np.ndarray, *, attacks, whitebo
                  target: str = "target", regenerator=None, slow_examples: int = 1000, seed: int = 0,
                  eps_sweep=(0.1, 0.2, 0.3, 1.0), sweep_attack: str = "pgd40", dataset: str = "mnist",
                  config: dict | None = None, progress: bool = True, batch_size: int = 500, log=print,
-                 grid_attacks=(), grid_images: int = 8) -> tuple[dict, dict]:
+                 grid_attacks=(), grid_images: int = 8, memo: ReportMemo | None = None) -> tuple[dict, dict]:
     """(report, grids). `models`: name -> Keras model or logits fn, including `target` (the transfer
     source). `attacks`: transfer attacks; `whitebox_attacks` (default: the same). `regenerator`:
-    x -> D_t(E_s(x)) for the regeneration metrics and the image grids (optional)."""
+    x -> D_t(E_s(x)) for the regeneration metrics and the image grids (optional). `memo`: finished
+    pieces on disk (evaluation/memo.py), so that a killed evaluation resumes where it stopped."""
     x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
     y = np.asarray(y).astype(np.int64)
     whitebox_attacks = list(attacks if whitebox_attacks is None else whitebox_attacks)
@@ -190,6 +193,10 @@ def build_report(models: dict, x: np.ndarray, y: np.ndarray, *, attacks, whitebo
               "clean": {m: accuracy(f, x, y) for m, f in fns.items()}, "transfer": {}, "whitebox": {},
               "regeneration": {}, "eps_sweep": {}, "zero_gradient_fraction": {}}
     grids = {}
+    memo = memo or ReportMemo(None)
+    fps = {m: fingerprint(f) for m, f in models.items()}
+    fps["data"] = hashlib.sha1(x.tobytes() + y.tobytes()).hexdigest()  # same images, same labels
+    regen_fp = fingerprint(regenerator) if regenerator is not None else "none"
     regen_fn = _as_fn(regenerator) if regenerator is not None else None
     if regen_fn is not None:
         report["regeneration"]["clean"] = _regeneration_quality(regen_fn, x, x)
@@ -208,6 +215,17 @@ def build_report(models: dict, x: np.ndarray, y: np.ndarray, *, attacks, whitebo
 
     for attack in attacks:
         spec, key, n = describe(attack)
+        mkey = ReportMemo.key("transfer", attack, n, seed, target, fps, regen_fp, key in grid_attacks)
+        done = memo.get(mkey)
+        if done is not None:
+            if progress:
+                log(f"transfer {key} on {n} images: done earlier (memo)")
+            report["transfer"][key] = done["accuracy"]
+            if done.get("regeneration"):
+                report["regeneration"][key] = done["regeneration"]
+            if done.get("grid") is not None:
+                grids[key] = np.asarray(done["grid"], np.float32)
+            continue
         if progress:
             log(f"transfer {key} on {n} images (crafted on {target})")
         adv = craft(attack, fns[target], x[:n], y[:n], batch_size=batch_size, seed=seed, progress=progress)
@@ -217,18 +235,34 @@ def build_report(models: dict, x: np.ndarray, y: np.ndarray, *, attacks, whitebo
             if key in grid_attacks:
                 k = min(grid_images, n)
                 grids[key] = np.stack([x[:k], adv[:k], np.clip(np.asarray(regen_fn(tf.constant(adv[:k]))), 0, 1)])
+        memo.put(mkey, {"accuracy": report["transfer"][key], "regeneration": report["regeneration"].get(key),
+                        "grid": grids[key].tolist() if key in grids else None})
     for attack in whitebox_attacks:
         spec, key, n = describe(attack)
         report["whitebox"][key] = {}
         for m, f in fns.items():
-            if m == target and key in report["transfer"] and report["attacks"][key]["examples"] == n:
+            if (m == target and key in report["transfer"] and report["attacks"][key]["examples"] == n
+                    and report["attacks"][key]["spec"] == attack):
                 report["whitebox"][key][m] = report["transfer"][key][m]  # same adversarials, same source
+                continue
+            mkey = ReportMemo.key("whitebox", attack, n, seed, m, fps[m], fps["data"])
+            done = memo.get(mkey)
+            if done is not None:
+                report["whitebox"][key][m] = done
                 continue
             if progress:
                 log(f"white-box {key} on {m}, {n} images")
             adv = craft(attack, f, x[:n], y[:n], batch_size=batch_size, seed=seed, progress=progress)
             report["whitebox"][key][m] = accuracy(f, adv, y[:n])
+            memo.put(mkey, report["whitebox"][key][m])
     for m, f in fns.items():
+        mkey = ReportMemo.key("checks", m, fps[m], fps["data"], seed, min(len(x), 1000), list(eps_sweep or ()), sweep_attack)
+        done = memo.get(mkey)
+        if done is not None:
+            report["zero_gradient_fraction"][m] = done["zero_gradient_fraction"]
+            if eps_sweep:
+                report["eps_sweep"][m] = done["eps_sweep"]
+            continue
         report["zero_gradient_fraction"][m] = zero_gradient_fraction(f, x[:min(len(x), 1000)], y[:min(len(x), 1000)])
         if eps_sweep:
             report["eps_sweep"][m] = {}
@@ -237,6 +271,8 @@ def build_report(models: dict, x: np.ndarray, y: np.ndarray, *, attacks, whitebo
                 n = min(len(x), 1000)
                 adv = craft(spec, f, x[:n], y[:n], batch_size=batch_size, seed=seed, progress=False)
                 report["eps_sweep"][m][f"{float(eps):g}"] = accuracy(f, adv, y[:n])
+        memo.put(mkey, {"zero_gradient_fraction": report["zero_gradient_fraction"][m],
+                        "eps_sweep": report["eps_sweep"].get(m)})
     report["summary"] = {t: _summarise(report[t], report["clean"], report["attacks"], names)
                          for t in ("transfer", "whitebox")}
     report["sanity"] = sanity_flags(report)
