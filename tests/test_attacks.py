@@ -11,7 +11,7 @@ from mid_tf.attacks import cleverhans_compat, registry
 from mid_tf.attacks.registry import REGISTRY, AttackSpec, get_spec, make_attack, parse_attack_list
 
 GRAPH_SAFE = sorted(n for n, s in REGISTRY.items() if s.graph_safe and s.method != "clean")
-ITERATIVE_UNTARGETED = ["bim40", "pgd40", "mim40", "pgd_l2"]
+ITERATIVE_UNTARGETED = ["bim40", "pgd40", "mim40", "pgd_l2", "pgd100x5", "pgd100x5_margin"]
 # fgsm_t0 is left out: one eps=0.3 step overshoots (hits class 0 ~5%; it still drops accuracy, above).
 TARGETED = ["bim40_t0", "pgd40_t0", "mim40_t0", "pgd40_trand", "pgd40_tll"]
 
@@ -243,3 +243,21 @@ def test_art_seeded_runs_are_reproducible(fn, batch):
     state = np.random.get_state()[1].copy()
     np.testing.assert_array_equal(a(fn, x, y, seed=5).numpy(), a(fn, x, y, seed=5).numpy())
     np.testing.assert_array_equal(state, np.random.get_state()[1])  # global NumPy RNG untouched
+
+
+def test_pgd_restarts_keep_the_strongest_start_per_image_and_margin_loss_attacks(fn, batch):
+    from mid_tf.attacks.cleverhans_compat import fold
+    x, y = tf.constant(batch[0][:64]), tf.constant(batch[1][:64])
+    spec = get_spec("pgd40:nb_iter=5,eps_iter=0.02,restarts=3")  # weak steps: the starts disagree
+    best = make_attack(spec)(fn, x, y, seed=5)
+    single = make_attack(get_spec("pgd40:nb_iter=5,eps_iter=0.02"))
+    margins = np.stack([registry.margin_loss(y, fn(single(fn, x, y, seed=fold(tf.constant(5, tf.int64), 1000 + r))))
+                        .numpy() for r in range(3)])
+    np.testing.assert_allclose(registry.margin_loss(y, fn(best)).numpy(), margins.max(0), rtol=1e-5, atol=1e-5)
+    assert (margins.argmax(0) != 0).any()  # some images really took a later restart
+    margin_adv = make_attack("pgd100x5_margin:nb_iter=10,eps_iter=0.05,restarts=1")(fn, x, y, seed=1)
+    assert F.accuracy(fn, margin_adv.numpy(), y.numpy()) < 0.25 * F.accuracy(fn, x.numpy(), y.numpy())
+    for bad, needle in (("pgd40:restarts=0", "restarts"), ("pgd40:loss=dlr", "loss"),
+                        ("pgd40:rand_init=False,restarts=2", "rand_init")):
+        with pytest.raises(ValueError, match=needle):
+            get_spec(bad)

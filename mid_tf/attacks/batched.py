@@ -28,7 +28,7 @@ from mid_tf.attacks.registry import AttackSpec, attack_labels, start_seed
 
 def batch_key(spec: AttackSpec):
     """Specs with equal keys can share one batched loop; None = run on its own."""
-    if spec.method in ("fgm", "bim", "pgd", "mim") and spec.norm == np.inf:
+    if spec.method in ("fgm", "bim", "pgd", "mim") and spec.norm == np.inf and not spec.params:
         return ("linf", 1 if spec.method == "fgm" else int(spec.nb_iter))
     return None
 

@@ -35,6 +35,9 @@ METHOD_PARAMS = {
              # Stop once the margin loss is < 0, i.e. the image is already misclassified (or hits its
              # target): the attack can only be as strong or stronger per image, as in Uesato et al. 2018.
              "early_stop_loss_threshold": 0.0},
+    # PGD: `restarts` random starts, the per-image strongest kept (by the margin of the final point);
+    # `loss` ce (CleverHans' default) or margin (max_{j!=y} z_j - z_y, CW's loss: it does not saturate).
+    "pgd": {"restarts": 1, "loss": "ce"},
     **art_suite.ART_PARAMS,
 }
 METHODS = ("clean",) + GRADIENT_METHODS + EAGER_CH_METHODS + tuple(art_suite.ART_PARAMS)
@@ -129,6 +132,13 @@ def _validate(s: AttackSpec) -> None:
     for k, _ in s.params:
         if k not in known:
             bad(f"unknown parameter '{k}' for {s.method}; valid: {sorted(known)}")
+    if s.method == "pgd":
+        if int(s.param("restarts")) != s.param("restarts") or s.param("restarts") < 1:
+            bad(f"restarts must be a positive integer, got {s.param('restarts')}")
+        if s.param("loss") not in ("ce", "margin"):
+            bad(f"loss must be ce or margin, got {s.param('loss')!r}")
+        if s.param("restarts") > 1 and not s.rand_init:
+            bad("restarts > 1 needs rand_init=True (otherwise every restart is the same)")
     if s.method in art_suite.BROKEN:
         bad(f"excluded: {art_suite.BROKEN[s.method]}")
 
@@ -155,13 +165,18 @@ def _mnist_defaults() -> dict[str, AttackSpec]:
         S("pgd10", "pgd", eps=0.3, eps_iter=0.04, nb_iter=10, rand_init=True),
         S("mim10", "mim", eps=0.3, eps_iter=0.04, nb_iter=10, decay=1.0),
         S("pgd_l2", "pgd", eps=2.0, norm=2, eps_iter=0.1, nb_iter=40, rand_init=True),
+        # Strong white-box evaluation (issue: white-box robust MID): 100 steps, 5 random restarts, on CE
+        # and on the margin loss; the per-image worst restart counts.
+        S("pgd100x5", "pgd", eps=0.3, eps_iter=0.01, nb_iter=100, rand_init=True, params=(("restarts", 5),)),
+        S("pgd100x5_margin", "pgd", eps=0.3, eps_iter=0.01, nb_iter=100, rand_init=True,
+          params=(("loss", "margin"), ("restarts", 5))),
         S("cw_l2", "cw_l2", eps=None, norm=2),
         S("spsa", "spsa", eps=0.3, nb_iter=100),
     ]
     out = {}
     for s in base:
         out[s.name] = s
-        if s.method != "clean":  # targeted-to-class-0 twin, as the official `_T` attacks
+        if s.method != "clean" and not s.name.startswith("pgd100x5"):  # targeted-to-class-0 twin, as the official `_T` attacks
             out[s.name + "_t0"] = dataclasses.replace(s, name=s.name + "_t0", target="fixed:0")
     for pol, suffix in (("random", "_trand"), ("least_likely", "_tll")):
         out["pgd40" + suffix] = dataclasses.replace(out["pgd40"], name="pgd40" + suffix, target=pol)
@@ -299,13 +314,42 @@ def _gradient_attack(spec: AttackSpec):
             adv = momentum_iterative_method(model_fn, x, spec.eps, spec.eps_iter, spec.nb_iter, spec.norm,
                                             decay_factor=spec.decay, **common)
         else:
-            ctx = (cleverhans_compat.seeded_random_start(start_seed(seed))
-                   if spec.rand_init and seed is not None else contextlib.nullcontext())
-            with ctx:
-                adv = projected_gradient_descent(model_fn, x, spec.eps, spec.eps_iter, spec.nb_iter, spec.norm,
-                                                 rand_init=spec.rand_init, **common)
+            adv = _pgd_with_restarts(spec, model_fn, x, labels, seed, common)
         return tf.stop_gradient(adv)
     return fn
+
+
+def margin_loss(labels, logits):
+    """max_{j != label} z_j - z_label per example: CW's loss, which never saturates like softmax CE."""
+    logits = tf.cast(logits, tf.float32)
+    onehot = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
+    return tf.reduce_max(logits - 1e9 * onehot, -1) - tf.reduce_sum(logits * onehot, -1)
+
+
+def _pgd_with_restarts(spec: AttackSpec, model_fn, x, labels, seed, common):
+    """CleverHans PGD, `restarts` times from different random starts; per image, the restart whose
+    final point has the largest margin loss (untargeted) / smallest (targeted) is kept."""
+    from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
+    restarts, loss = int(spec.param("restarts")), spec.param("loss")
+    extra = {"loss_fn": margin_loss} if loss == "margin" else {}
+    best, best_score = None, None
+    for r in range(restarts):
+        r_seed = None if seed is None else (seed if restarts == 1 else fold(seed, 1000 + r))
+        ctx = (cleverhans_compat.seeded_random_start(start_seed(r_seed))
+               if spec.rand_init and r_seed is not None else contextlib.nullcontext())
+        with ctx:
+            adv = projected_gradient_descent(model_fn, x, spec.eps, spec.eps_iter, spec.nb_iter, spec.norm,
+                                             rand_init=spec.rand_init, **extra, **common)
+        if restarts == 1:
+            return adv
+        score = margin_loss(labels, model_fn(adv)) * (-1.0 if spec.targeted else 1.0)
+        if best is None:
+            best, best_score = adv, score
+        else:
+            take = score > best_score
+            best = tf.where(tf.reshape(take, [-1] + [1] * (len(x.shape) - 1)), adv, best)
+            best_score = tf.maximum(score, best_score)
+    return best
 
 
 def _require_eager(spec):
