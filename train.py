@@ -73,6 +73,8 @@ flags.DEFINE_enum("kl_reduction", "elementwise_mean", ["elementwise_mean", "dist
 flags.DEFINE_integer("softmax_axis", -1, "Feature softmax axis of the KL terms (-1: channels, as the official code).")
 flags.DEFINE_integer("val_examples", 500, "Test images for the per-epoch MID validation (0: off).", lower_bound=0)
 flags.DEFINE_string("val_attacks", "fgsm,pgd40", "Attacks (crafted on the target) in the per-epoch validation.")
+flags.DEFINE_string("val_whitebox_attacks", "", "Attacks crafted on the current C(E_s(.)) in the per-epoch "
+                    "validation (white-box; empty: none).")
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
                   "tf.distribute strategy; multi_worker reads the cluster from TF_CONFIG.")
 flags.DEFINE_integer("logical_cpus", 0, "Split the CPU into N logical devices (to exercise --strategy=mirrored "
@@ -149,7 +151,7 @@ def build_config():
             attack_source=FLAGS.attack_source, val_examples=FLAGS.val_examples,
             attack_cache_epochs=FLAGS.attack_cache_epochs, student_init=FLAGS.student_init,
             precision=FLAGS.mid_precision,
-            val_attacks=_attacks(FLAGS.val_attacks)),
+            val_attacks=_attacks(FLAGS.val_attacks), val_whitebox_attacks=_attacks(FLAGS.val_whitebox_attacks)),
         baseline=BaselineConfig(epochs=FLAGS.baseline_epochs, batch_size=FLAGS.batch_size,
                                 learning_rate=FLAGS.baseline_lr, lr_schedule=FLAGS.lr_schedule,
                                 attack=_attacks(FLAGS.baseline_attack)[0] if FLAGS.baseline_attack else "pgd10",

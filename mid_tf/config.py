@@ -78,6 +78,7 @@ class MIDStageConfig:
     sync_inner_gradient: bool = True
     val_examples: int = 500              # per-epoch validation slice (0: off)
     val_attacks: tuple = ("fgsm", "pgd40")
+    val_whitebox_attacks: tuple = ()     # crafted on the current C(E_s(.)) each epoch
     log_every_steps: int = 10            # TensorBoard batch-level logging period
     attack_cache_epochs: int = 0         # transfer protocol: reuse crafted attacks for K epochs (0: craft every step)
     student_init: str = "random"         # random (official) | teacher (start E_s from E_t's weights)

@@ -208,16 +208,19 @@ def test_mid_stage_resumes_after_a_kill(tmp_path, mnist_small):
 def test_flagfiles_parse():
     repo = os.path.dirname(HERE)
     cases = {("configs/mnist.flags",): "target,teacher,mid,eval",
-             ("configs/mnist.flags", "configs/mnist_eval.flags"): "target,teacher,pgd_at,trades,mid,eval"}
+             ("configs/mnist.flags", "configs/mnist_eval.flags"): "target,teacher,pgd_at,trades,mid,eval",
+             ("configs/mnist_whitebox.flags",): "target,teacher,mid,eval"}
     for flagfiles, stages in cases.items():
         argv = ", ".join(repr(f"--flagfile={f}") for f in flagfiles)
         proc = subprocess.run([sys.executable, "-c", (
             "import sys; sys.argv=['train.py', %s]; import train; "
             "from absl import flags; flags.FLAGS(sys.argv); cfg = train.build_config(); cfg.validate(); "
-            "print('STAGES', ','.join(cfg.stages), 'POOL', cfg.mid.pool)" % argv)],
+            "print('STAGES', ','.join(cfg.stages), 'POOL', cfg.mid.pool, 'SOURCE', cfg.mid.attack_source)" % argv)],
             cwd=repo, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"STAGES {stages}" in proc.stdout, proc.stdout
+        if "configs/mnist_whitebox.flags" in flagfiles:  # nested flagfile, then its overrides
+            assert "POOL clean,fgsm_rs,pgd3,pgd5,pgd_l2_5 SOURCE student" in proc.stdout, proc.stdout
 
 
 def test_student_init_from_teacher_and_validation(tmp_path, mnist_small):
@@ -325,3 +328,23 @@ def test_mid_stage_in_mixed_bfloat16_trains_a_twin_and_keeps_float32_outputs(tmp
     assert any(not np.array_equal(a, b) for a, b in zip(student, initial))  # the bf16 training reached it
     with pytest.raises(Exception, match="mid_precision"):
         MIDStageConfig(precision="float16").validate()
+
+
+def test_whitebox_validation_attacks_the_current_student():
+    from mid_tf.attacks import make_attack
+    from mid_tf.training.callbacks import AttackValidation
+
+    keras.utils.set_random_seed(8)
+    models = build_models("mnist", width=0.125)
+    mid = _mid(models, FixedPool())
+    x = tf.random.uniform((16, 28, 28, 1))
+    y = tf.range(16) % 10
+    cb = AttackValidation(x, y, {"fgsm": make_attack("fgsm")}, models.target, None,
+                          whitebox_attacks={"fgsm": make_attack("fgsm")})
+    cb.set_model(mid)
+    logs = {}
+    cb.on_epoch_end(0, logs)
+    assert {"val_clean_accuracy", "val_fgsm_accuracy", "val_wb_fgsm_accuracy"} <= set(logs)
+    first = cb._whitebox["fgsm"](x, y).numpy()
+    models.student_encoder.set_weights([w + 0.05 for w in models.student_encoder.get_weights()])
+    assert np.abs(cb._whitebox["fgsm"](x, y).numpy() - first).max() > 0.1  # recrafted on the new weights

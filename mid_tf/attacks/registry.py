@@ -153,6 +153,8 @@ def parse_target(policy: str, name: str = "?") -> tuple[str, int | None]:
 
 
 # ---------------------------------------------------------------- default MNIST registry
+_NO_TARGETED_TWIN = ("pgd100x5", "pgd100x5_margin", "fgsm_rs", "pgd3", "pgd5", "pgd_l2_5")
+
 def _mnist_defaults() -> dict[str, AttackSpec]:
     S = AttackSpec
     base = [
@@ -170,13 +172,20 @@ def _mnist_defaults() -> dict[str, AttackSpec]:
         S("pgd100x5", "pgd", eps=0.3, eps_iter=0.01, nb_iter=100, rand_init=True, params=(("restarts", 5),)),
         S("pgd100x5_margin", "pgd", eps=0.3, eps_iter=0.01, nb_iter=100, rand_init=True,
           params=(("loss", "margin"), ("restarts", 5))),
+        # Cheap white-box *training* members (attacks crafted on the student every step):
+        # FGSM with a random start (Wong et al. 2020, "Fast is better than free"), PGD-3 / PGD-5 with
+        # random starts and steps that still cross the ball, and a 5-step L2 PGD.
+        S("fgsm_rs", "pgd", eps=0.3, eps_iter=0.3, nb_iter=1, rand_init=True),
+        S("pgd3", "pgd", eps=0.3, eps_iter=0.1, nb_iter=3, rand_init=True),
+        S("pgd5", "pgd", eps=0.3, eps_iter=0.075, nb_iter=5, rand_init=True),
+        S("pgd_l2_5", "pgd", eps=2.0, norm=2, eps_iter=0.5, nb_iter=5, rand_init=True),
         S("cw_l2", "cw_l2", eps=None, norm=2),
         S("spsa", "spsa", eps=0.3, nb_iter=100),
     ]
     out = {}
     for s in base:
         out[s.name] = s
-        if s.method != "clean" and not s.name.startswith("pgd100x5"):  # targeted-to-class-0 twin, as the official `_T` attacks
+        if s.method != "clean" and s.name not in _NO_TARGETED_TWIN:  # targeted-to-class-0 twin, as the official `_T` attacks
             out[s.name + "_t0"] = dataclasses.replace(s, name=s.name + "_t0", target="fixed:0")
     for pol, suffix in (("random", "_trand"), ("least_likely", "_tll")):
         out["pgd40" + suffix] = dataclasses.replace(out["pgd40"], name="pgd40" + suffix, target=pol)

@@ -1,8 +1,9 @@
 """Callbacks for the MID stage: per-epoch validation under attack, and TensorBoard images.
 
-Each epoch, on a small fixed validation slice: clean accuracy of C(E_s(·)) and its accuracy under
-each validation attack crafted on the target (the paper's protocol), written to TensorBoard and to
-the Keras logs (so the progress line shows them), plus an image grid
+Each epoch, on a small fixed validation slice: clean accuracy of C(E_s(·)), its accuracy under each
+validation attack crafted on the target (the paper's protocol; `val_<attack>_accuracy`) and under
+each white-box validation attack crafted anew on the current C(E_s(·)) (`val_wb_<attack>_accuracy`),
+written to TensorBoard and to the Keras logs (so the progress line shows them), plus an image grid
 clean | adversarial | regenerated D_t(E_s(x~)) for the first validation attack.
 """
 
@@ -19,12 +20,17 @@ def image_grid(rows) -> tf.Tensor:
 
 
 class AttackValidation(keras.callbacks.Callback):
-    def __init__(self, x, y, attacks: dict, source_fn, log_dir: str | None, seed: int = 0, grid_images: int = 8):
+    def __init__(self, x, y, attacks: dict, source_fn, log_dir: str | None, seed: int = 0, grid_images: int = 8,
+                 whitebox_attacks: dict | None = None):
         super().__init__()
         self.x, self.y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
         self.attacks, self.source_fn, self.seed, self.n = attacks, source_fn, seed, grid_images
         # Crafted on the fixed target: computed once, reused every epoch.
         self._adv = {name: fn(source_fn, self.x, self.y, seed=seed) for name, fn in attacks.items()}
+        # White-box: crafted on the model being trained, every epoch (one compiled function per attack).
+        self._whitebox = {name: tf.function(lambda x, y, fn=fn: fn(lambda z: self.model(z, training=False), x, y,
+                                                                  seed=seed))
+                          for name, fn in (whitebox_attacks or {}).items()}
         self.writer = tf.summary.create_file_writer(log_dir) if log_dir else None
 
     def _acc(self, x) -> float:
@@ -35,6 +41,8 @@ class AttackValidation(keras.callbacks.Callback):
         results = {"val_clean_accuracy": self._acc(self.x)}
         for name, adv in self._adv.items():
             results[f"val_{name}_accuracy"] = self._acc(adv)
+        for name, craft in self._whitebox.items():
+            results[f"val_wb_{name}_accuracy"] = self._acc(craft(self.x, self.y))
         if logs is not None:
             logs.update(results)
         if self.writer is None:

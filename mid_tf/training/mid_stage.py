@@ -57,8 +57,10 @@ def train_mid(models: MIDModels, split: Split, cfg: MIDStageConfig, *, seed: int
         n = min(cfg.val_examples, len(val_split))
         x = val_split.images[:n].astype(np.float32) / 255.0
         attacks = {name: make_attack(name) for name in cfg.val_attacks}
+        whitebox = {name: make_attack(name) for name in cfg.val_whitebox_attacks}
         cbs.append(AttackValidation(x, val_split.labels[:n], attacks, models.target,
-                                    os.path.join(model_dir, "logs", "mid", "validation"), seed=seed))
+                                    os.path.join(model_dir, "logs", "mid", "validation"), seed=seed,
+                                    whitebox_attacks=whitebox))
     ckpt_dir = os.path.join(model_dir, "mid", "ckpt")
     fit = dict(steps_per_epoch=spe, ckpt_dir=ckpt_dir, checkpoint_every=checkpoint_every,
                callbacks=[*cbs, *callbacks], verbose=verbose)
