@@ -312,7 +312,8 @@ def test_mid_stage_in_mixed_bfloat16_trains_a_twin_and_keeps_float32_outputs(tmp
     cfg = RunConfig(model_dir=str(tmp_path / "run"), verbose=0, width=0.25, stages=("target", "teacher", "mid"),
                     data=DataConfig(data_dir=mnist_data_dir, train_examples=512, eval_examples=200),
                     target=StageTrainConfig(epochs=1, batch_size=64), teacher=StageTrainConfig(epochs=1, batch_size=64),
-                    mid=MIDStageConfig(epochs=1, batch_size=64, learning_rate=1e-3, val_examples=0,
+                    mid=MIDStageConfig(epochs=1, batch_size=64, learning_rate=1e-3, val_examples=32,
+                                       val_attacks=("fgsm",), val_whitebox_attacks=("fgsm",),
                                        steps_per_epoch=3, attack_cache_epochs=1, precision="mixed_bfloat16",
                                        pool="clean,fgsm,pgd40:nb_iter=2,eps_iter=0.15"))
     summary = stages.run(cfg)

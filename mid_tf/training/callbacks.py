@@ -15,7 +15,8 @@ import tensorflow as tf
 
 def image_grid(rows) -> tf.Tensor:
     """[n images per row] tensors [n, H, W, C] -> one image [1, rows*H, n*W, C] for tf.summary.image."""
-    strips = [tf.concat(tf.unstack(tf.clip_by_value(r, 0.0, 1.0)), axis=1) for r in rows]
+    # float32 whatever the compute dtype (a mixed_bfloat16 decoder returns bfloat16 images)
+    strips = [tf.concat(tf.unstack(tf.clip_by_value(tf.cast(r, tf.float32), 0.0, 1.0)), axis=1) for r in rows]
     return tf.concat(strips, axis=0)[None]
 
 
