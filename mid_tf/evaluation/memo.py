@@ -67,9 +67,6 @@ class ReportMemo:
     def put(self, key: str | None, value) -> None:
         if self.path is None or key is None:
             return
+        from mid_tf.artifacts import write_json_atomic
         self.entries[key] = value
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.entries, f)
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.entries)
