@@ -14,12 +14,32 @@ all-zero windows after ReLU unpool to zero either way) routes the value to each 
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 
+@tf.custom_gradient
+def _upsample2x_tf(x):
+    """Nearest-neighbour 2x upsampling with a pooling-op gradient.
+
+    The autodiff gradient of the broadcast formulation is a reduce_sum over two interleaved axes of
+    a [B,h,2,w,2,C] tensor, which was the slowest op of the MID meta update on CPU (136 ms vs 20 ms
+    for `4 * avg_pool` at 1280x28x28x32: the same sums, exactly). Both ops have gradients, so second
+    order (the exact MID meta step) still differentiates through it."""
+    h, w = x.shape[1], x.shape[2]
+    # half_pixel_centers nearest resize at exactly 2x: out[i] = in[i // 2] (1.5x faster than broadcast).
+    y = tf.image.resize(x, (2 * h, 2 * w), method="nearest")
+
+    def grad(dy):
+        return tf.nn.avg_pool2d(dy, 2, 2, "VALID") * tf.constant(4, dy.dtype)
+    return tf.cast(y, x.dtype), grad
+
+
 def upsample2x(x):
-    """Nearest-neighbour 2x upsampling by broadcasting: [B,h,w,C] -> [B,2h,2w,C]."""
+    """Nearest-neighbour 2x upsampling: [B,h,w,C] -> [B,2h,2w,C]."""
     _, h, w, c = x.shape
+    if keras.backend.backend() == "tensorflow":
+        return _upsample2x_tf(x)
     x = ops.broadcast_to(ops.reshape(x, (-1, h, 1, w, 1, c)), (ops.shape(x)[0], h, 2, w, 2, c))
     return ops.reshape(x, (-1, 2 * h, 2 * w, c))
 

@@ -1,0 +1,115 @@
+"""The fast CPU ops (models/fast_conv.py, pooling.upsample2x) compute what the stock Keras/TF ops compute:
+values, first-order and second-order gradients (the exact MID meta step differentiates gradients),
+in float32 and under the mixed_bfloat16 policy; and checkpoints of the stock layers load into them."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mid_tf.models import fast_conv, lenet
+from mid_tf.models.pooling import upsample2x
+
+
+def _grads_two_orders(fn, x, variables):
+    """(y, dL/dx, dL/dvars, d(|dL/dx|^2 + |dL/dvars|^2)/d(x, vars)) for L = sum(sin(fn(x)))."""
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            y = fn(x)
+            loss = tf.reduce_sum(tf.sin(tf.cast(y, tf.float32)))
+        gx, *gv = inner.gradient(loss, [x, *variables])
+        second = tf.reduce_sum(gx ** 2) + sum(tf.reduce_sum(g ** 2) for g in gv)
+    return y, gx, gv, outer.gradient(second, [x, *variables])
+
+
+@pytest.mark.parametrize("kind", ["conv", "conv_transpose"])
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_fast_conv_matches_stock_layer_to_second_order(kind, kernel):
+    keras.utils.set_random_seed(kernel)
+    if kind == "conv":
+        fast, stock, x = (fast_conv.Conv2D(6, kernel, padding="same", activation="relu"),
+                          keras.layers.Conv2D(6, kernel, padding="same", activation="relu"),
+                          tf.random.stateless_normal((3, 9, 11, 1), [1, 2]))
+    else:
+        fast, stock, x = (fast_conv.Conv2DTranspose(1, kernel, padding="same"),
+                          keras.layers.Conv2DTranspose(1, kernel, padding="same"),
+                          tf.random.stateless_normal((3, 9, 11, 6), [1, 2]))
+    fast(x), stock(x)
+    stock.set_weights(fast.get_weights())
+    a = _grads_two_orders(fast, x, fast.trainable_variables)
+    b = _grads_two_orders(stock, x, stock.trainable_variables)
+    for got, want in zip(tf.nest.flatten(a), tf.nest.flatten(b)):
+        scale = max(1.0, float(tf.reduce_max(tf.abs(want))))
+        np.testing.assert_allclose(got.numpy() / scale, want.numpy() / scale, atol=5e-5)  # float32 round-off of a different summation order
+
+
+def test_fast_conv_falls_back_to_stock_for_other_shapes():
+    layer = fast_conv.Conv2D(4, 3, padding="valid")  # not SAME: the stock op
+    x = tf.random.uniform((2, 8, 8, 1))
+    stock = keras.layers.Conv2D(4, 3, padding="valid")
+    stock(x), layer(x)
+    stock.set_weights(layer.get_weights())
+    np.testing.assert_allclose(layer(x), stock(x), atol=1e-6)
+
+
+def test_upsample2x_matches_broadcast_to_second_order():
+    x = tf.random.stateless_normal((2, 4, 5, 3), [3, 4])
+    mask = tf.cast(tf.random.stateless_uniform((2, 8, 10, 3), [5, 6]) > 0.5, tf.float32)
+
+    def broadcast(z):
+        return tf.reshape(tf.broadcast_to(tf.reshape(z, (-1, 4, 1, 5, 1, 3)), (2, 4, 2, 5, 2, 3)), (-1, 8, 10, 3))
+    a = _grads_two_orders(lambda z: upsample2x(z) * mask, x, [])
+    b = _grads_two_orders(lambda z: broadcast(z) * mask, x, [])
+    for got, want in zip(tf.nest.flatten(a), tf.nest.flatten(b)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+
+
+def test_fast_ops_under_mixed_bfloat16():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        fast, stock = fast_conv.Conv2D(8, 3, padding="same"), keras.layers.Conv2D(8, 3, padding="same")
+        x = tf.random.uniform((2, 10, 10, 1))
+        fast(x), stock(x)
+        stock.set_weights(fast.get_weights())
+        with tf.GradientTape() as t:
+            t.watch(x)
+            y = fast(x)
+            loss = tf.reduce_sum(tf.cast(upsample2x(y), tf.float32))
+        assert y.dtype == tf.bfloat16
+        gx = t.gradient(loss, x)
+        assert gx.dtype == tf.float32 and float(tf.reduce_max(tf.abs(gx))) > 0
+        np.testing.assert_allclose(tf.cast(y, tf.float32), tf.cast(stock(x), tf.float32), atol=0.05)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _stock_target():
+    """The target as first written (relu inside the convs, stock layers): the checkpoint format to keep."""
+    x = keras.Input((28, 28, 1))
+    h = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv1")(x)
+    h = keras.layers.MaxPooling2D(2, name="pool1")(h)
+    h = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="conv2")(h)
+    h = keras.layers.MaxPooling2D(2, name="pool2")(h)
+    h = keras.layers.Flatten(name="flatten")(h)
+    h = keras.layers.Dense(200, activation="relu", name="fc1")(h)
+    return keras.Model(x, keras.layers.Dense(10, name="logits")(h), name="target")
+
+
+def test_target_pool_then_relu_equals_stock_target_and_loads_its_checkpoint(tmp_path):
+    stock = _stock_target()
+    path = str(tmp_path / "target.weights.h5")
+    stock.save_weights(path)
+    ours = lenet.build_target()
+    ours.load_weights(path)  # same checkpoint layout
+    x = tf.random.stateless_uniform((16, 28, 28, 1), [7, 8])
+    np.testing.assert_array_equal(ours(x).numpy(), stock(x).numpy())
+
+    def input_grad(model):
+        with tf.GradientTape() as t:
+            t.watch(x)
+            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.zeros(16, tf.int32), model(x)))
+        return t.gradient(loss, x).numpy()
+    want = input_grad(stock)
+    np.testing.assert_allclose(input_grad(ours), want, atol=1e-6 * max(1.0, np.abs(want).max()))
