@@ -56,6 +56,9 @@ flags.DEFINE_integer("attack_cache_epochs", 0, "Transfer protocol only: craft th
                      "the official code).", lower_bound=0)
 flags.DEFINE_enum("student_init", "random", ["random", "teacher"],
                   "Initial weights of the student encoder: random (official) or a copy of the teacher encoder's.")
+flags.DEFINE_enum("stage1_precision", "float32", ["float32", "mixed_bfloat16"],
+                  "Compute dtype of the target and teacher training (as --mid_precision): the saved networks and "
+                  "everything after them stay float32.")
 flags.DEFINE_enum("mid_precision", "float32", ["float32", "mixed_bfloat16"],
                   "Compute dtype of MID training: mixed_bfloat16 = bfloat16 activations with float32 weights and "
                   "losses (~1.65x faster on CPUs with AVX512_BF16/AMX; slower on others). The saved student, "
@@ -133,7 +136,7 @@ def build_config():
 
     data = DataConfig(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, download=FLAGS.download,
                       train_examples=FLAGS.train_examples, eval_examples=FLAGS.eval_examples)
-    common = dict(batch_size=FLAGS.batch_size, lr_schedule=FLAGS.lr_schedule)
+    common = dict(batch_size=FLAGS.batch_size, lr_schedule=FLAGS.lr_schedule, precision=FLAGS.stage1_precision)
     return RunConfig(
         model_dir=FLAGS.model_dir, data=data, stages=tuple(s.strip() for s in FLAGS.stages if s.strip()),
         seed=FLAGS.seed, width=FLAGS.width, checkpoint_every=FLAGS.checkpoint_every, verbose=FLAGS.verbose,

@@ -41,6 +41,7 @@ class StageTrainConfig:
     learning_rate: float = 1e-3
     lr_schedule: str = "cosine"  # constant | cosine (decays to 0 over the stage's steps)
     reconstruction_weight: float = 1.0  # teacher only: weight of the MSE reconstruction loss
+    precision: str = "float32"  # float32 | mixed_bfloat16 (training only; the saved weights stay float32)
 
     def validate(self, stage: str) -> None:
         if self.epochs < 0:
@@ -51,6 +52,8 @@ class StageTrainConfig:
             raise ConfigError(f"--{stage}_lr must be positive, got {self.learning_rate}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"--lr_schedule must be constant or cosine, got {self.lr_schedule}")
+        if self.precision not in ("float32", "mixed_bfloat16"):
+            raise ConfigError(f"--stage1_precision must be float32 or mixed_bfloat16, got {self.precision}")
 
 
 OFFICIAL_POOL = "clean,pgd40,pgd40_t0,mim40,mim40_t0"

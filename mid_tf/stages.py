@@ -25,7 +25,7 @@ from mid_tf import artifacts
 from mid_tf.config import KNOWN_STAGES, ConfigError, RunConfig
 from mid_tf.data import eval_dataset, load_split
 from mid_tf.models import MIDModels, build_autoencoder, build_models, build_pipeline
-from mid_tf.training import distribute, metrics, stage1
+from mid_tf.training import distribute, metrics, precision, stage1
 
 # stage -> stages whose outputs it needs
 _REQUIRES = {"target": (), "teacher": (), "pgd_at": (), "trades": (), "mid": ("target", "teacher"),
@@ -59,8 +59,10 @@ def _run_target(ctx: Context) -> dict:
     if artifacts.is_done(cfg.model_dir, "target"):
         result = artifacts.load_stage(cfg.model_dir, "target", models)
     else:
-        resumed = stage1.train_target(models, ctx.train_split, cfg.target, **ctx.fit_kwargs("target"))
-        result = {"epochs": cfg.target.epochs, "resumed_from_step": resumed,
+        twin = precision.mixed_twin(models, cfg.data.dataset, cfg.width, cfg.target.precision)
+        resumed = stage1.train_target(twin, ctx.train_split, cfg.target, **ctx.fit_kwargs("target"))
+        precision.copy_back(twin, models, ("target",))
+        result = {"epochs": cfg.target.epochs, "resumed_from_step": resumed, "precision": cfg.target.precision,
                   "train_examples": len(ctx.train_split), "train_time_s": round(time.time() - t0, 1)}
     result["clean_accuracy"] = metrics.accuracy(models.target, ctx.test_ds)
     artifacts.mark_done(cfg.model_dir, "target", models, result)
@@ -74,8 +76,10 @@ def _run_teacher(ctx: Context) -> dict:
     if artifacts.is_done(cfg.model_dir, "teacher"):
         result = artifacts.load_stage(cfg.model_dir, "teacher", models)
     else:
-        resumed = stage1.train_teacher(models, ctx.train_split, cfg.teacher, **ctx.fit_kwargs("teacher"))
-        result = {"epochs": cfg.teacher.epochs, "resumed_from_step": resumed,
+        twin = precision.mixed_twin(models, cfg.data.dataset, cfg.width, cfg.teacher.precision)
+        resumed = stage1.train_teacher(twin, ctx.train_split, cfg.teacher, **ctx.fit_kwargs("teacher"))
+        precision.copy_back(twin, models, ("teacher_encoder", "decoder", "classifier"))
+        result = {"epochs": cfg.teacher.epochs, "resumed_from_step": resumed, "precision": cfg.teacher.precision,
                   "train_examples": len(ctx.train_split), "train_time_s": round(time.time() - t0, 1)}
     teacher = build_autoencoder(models.teacher_encoder, models.decoder, models.classifier)
     result["clean_accuracy"] = metrics.accuracy(lambda x: teacher(x)["logits"], ctx.test_ds)
@@ -88,7 +92,7 @@ def _run_teacher(ctx: Context) -> dict:
 
 
 def _run_mid(ctx: Context) -> dict:
-    from mid_tf.training import mid_stage, precision
+    from mid_tf.training import mid_stage
 
     cfg, models = ctx.cfg, ctx.models
     t0 = time.time()

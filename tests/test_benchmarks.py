@@ -17,3 +17,23 @@ def test_train_step_benchmark_runs_its_variants():
     for variant in ("graph", "order1", "cache"):
         assert any(line.startswith(variant) for line in out.splitlines()), out
     assert any(line.startswith("bf16") for line in out.splitlines()), out  # a row or a 'skipped' line
+
+
+def test_time_to_accuracy_reads_the_validation_epochs(tmp_path, mnist_data_dir):
+    """A tiny end-to-end run (1 epoch a stage, 1,024 images, width 1/4): the script launches train.py,
+    reads validation.jsonl and reports the first epoch meeting the (here trivial) targets."""
+    model_dir = tmp_path / "run"
+    flags = ["--dataset=mnist", "--stages=target,teacher,mid", "--width=0.25", "--train_examples=1024",
+             "--eval_examples=256", "--target_epochs=1", "--teacher_epochs=1", "--mid_epochs=2",
+             "--attack_pool=clean,fgsm,pgd3", "--batch_size=128", "--meta_order=1"]
+    cmd = [sys.executable, "benchmarks/time_to_accuracy.py", "--model_dir", str(model_dir), "--val_examples", "64",
+           "--clean", "0", "--fgsm", "0", "--pgd40", "0", "--", *flags]
+    env = {**os.environ, "MID_DATA_DIR": mnist_data_dir}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "all targets: epoch 1," in proc.stdout, proc.stdout[-2000:]
+    lines = (model_dir / "logs" / "mid" / "validation.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"examples": 64' in lines[0]
+    # A model_dir that exists is refused (its completed stages would be skipped, the time meaningless).
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+    assert again.returncode == 2 and "exists" in again.stderr

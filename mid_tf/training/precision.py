@@ -1,4 +1,5 @@
-"""Mixed precision for the MID stage: bfloat16 compute, float32 weights, float32 losses.
+"""Mixed precision for training (MID stage, and stage 1 with --stage1_precision): bfloat16 compute,
+float32 weights, float32 losses.
 
 Keras applies a dtype policy when a layer is *built*, and every network here is built once, in
 float32, for all stages. `mixed_twin` therefore builds a second set of the same networks under the
@@ -48,7 +49,13 @@ def mixed_twin(models: MIDModels, dataset: str, width: float, precision: str) ->
     return twin
 
 
+def copy_back(twin: MIDModels, models: MIDModels, names=("student_encoder",)) -> None:
+    """The trained networks `names` of the twin into the float32 networks (no-op when the twin is `models`)."""
+    if twin is not models:
+        for name in names:
+            getattr(models, name).set_weights(getattr(twin, name).get_weights())
+
+
 def copy_student_back(twin: MIDModels, models: MIDModels) -> None:
     """The trained student into the float32 networks (no-op when the twin is `models`)."""
-    if twin is not models:
-        models.student_encoder.set_weights(twin.student_encoder.get_weights())
+    copy_back(twin, models, ("student_encoder",))
