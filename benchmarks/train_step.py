@@ -293,9 +293,6 @@ def main(argv=None):
         print("\nofficial loop (PyTorch harness, 2 threads, real MNIST) ...", flush=True)
         off = run_official(a.batch)
         if off:
-            ours = a.batch / t_total
-            print(f"official: {off['median_total_s']:.3f} s/iter = {off['images_per_s']:.1f} img/s "
-                  f"(attacks {off['median_attack_s']:.3f} s, meta {off['median_meta_s']:.3f} s)")
             notes = {"graph": "float32, exact second order: more work than the official loop",
                      "order1": "float32, first order: the official loop's work (same attacks; meta-train "
                                "and meta-test passes, no second-order term)",
