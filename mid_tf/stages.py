@@ -104,7 +104,7 @@ def _run_mid(ctx: Context) -> dict:
         _, resumed = mid_stage.train_mid(twin, ctx.train_split, cfg.mid, seed=cfg.seed, model_dir=cfg.model_dir,
                                          checkpoint_every=cfg.checkpoint_every, verbose=cfg.verbose,
                                          val_split=ctx.test_split)
-        precision.copy_student_back(twin, models)
+        precision.copy_back(twin, models, ("student_encoder",))
         result = {"epochs": cfg.mid.epochs, "resumed_from_step": resumed, "pool": cfg.mid.pool,
                   "attack_source": cfg.mid.attack_source, "meta_order": cfg.mid.meta_order,
                   "precision": cfg.mid.precision,

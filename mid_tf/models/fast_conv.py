@@ -31,12 +31,6 @@ import keras
 import tensorflow as tf
 
 
-def _same_pads(k: int) -> tuple[int, int]:
-    """(before, after) padding of a SAME stride-1 convolution with an odd or even kernel size k."""
-    total = k - 1
-    return total // 2, total - total // 2
-
-
 def col2im_one_channel(dy, kernel):
     """sum_c dy[..., c] (x) kernel[..., 0, c] placed back on the image: the transposed SAME stride-1
     convolution to one channel. dy [B, H, W, C], kernel [kh, kw, 1, C] -> [B, H, W, 1]."""
@@ -49,7 +43,7 @@ def col2im_one_channel(dy, kernel):
     # tensor instead is a strided gather, 10% slower here).
     m = tf.matmul(tf.reshape(kernel, [kh * kw, c]), tf.reshape(dy, [-1, c]), transpose_b=True)
     m = tf.reshape(m, tf.stack([kh * kw, shape[0], shape[1], shape[2]]))
-    (pt, pb), (pl, pr) = _same_pads(kh), _same_pads(kw)
+    pt, pl = (kh - 1) // 2, (kw - 1) // 2  # padding before, as TF's SAME stride-1 convolution
     # dx[i] = sum_u M_u[i + pt - u]: pad each plane by (kh-1-pt) above and pt below, slice at kh-1-u.
     mp = tf.pad(m, [[0, 0], [0, 0], [kh - 1 - pt, pt], [kw - 1 - pl, pl]])
     out = None

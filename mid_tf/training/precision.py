@@ -4,7 +4,7 @@ float32 weights, float32 losses.
 Keras applies a dtype policy when a layer is *built*, and every network here is built once, in
 float32, for all stages. `mixed_twin` therefore builds a second set of the same networks under the
 policy and copies the weights in (mixed-precision variables stay float32, so the copy is exact). The
-MID stage trains the twin; `copy_student_back` puts the trained student into the float32 networks,
+MID stage trains the twin; `copy_back` puts the trained networks into the float32 networks,
 which are the ones saved, exported and evaluated: evaluation attacks always run in float32.
 
 Why: on CPUs with AVX512_BF16/AMX the MID step runs ~1.65x faster in bfloat16 (0.45 s vs 0.75 s per
@@ -55,7 +55,3 @@ def copy_back(twin: MIDModels, models: MIDModels, names=("student_encoder",)) ->
         for name in names:
             getattr(models, name).set_weights(getattr(twin, name).get_weights())
 
-
-def copy_student_back(twin: MIDModels, models: MIDModels) -> None:
-    """The trained student into the float32 networks (no-op when the twin is `models`)."""
-    copy_back(twin, models, ("student_encoder",))
