@@ -27,6 +27,8 @@ flags.DEFINE_integer("train_examples", None, "Use only the first N training exam
 flags.DEFINE_integer("eval_examples", None, "Use only the first N test examples (default: all).", lower_bound=1)
 flags.DEFINE_float("width", 1.0, "Channel multiplier of every network (1.0 = the official architecture).")
 flags.DEFINE_integer("batch_size", 256, "Training batch size (official: 256).", lower_bound=1)
+flags.DEFINE_integer("mid_batch_size", None, "Batch size of the MID stage (default: --batch_size); the attack cache "
+                     "is still crafted in chunks of >= 256.", lower_bound=1)
 flags.DEFINE_integer("target_epochs", 8, "Epochs for the target model (official: 200).", lower_bound=0)
 flags.DEFINE_float("target_lr", 1e-3, "Adam learning rate for the target (official: 1e-3).")
 flags.DEFINE_integer("teacher_epochs", 12, "Epochs for the teacher (official: 200).", lower_bound=0)
@@ -54,6 +56,8 @@ flags.DEFINE_enum("attack_source", "target", ["target", "student"],
 flags.DEFINE_integer("attack_cache_epochs", 0, "Transfer protocol only: craft the pool's attacks on the target once "
                      "and reuse them for K epochs, then recraft with new random starts (0: craft every step, as "
                      "the official code).", lower_bound=0)
+flags.DEFINE_bool("attack_cache_overlap", True, "With --attack_cache_epochs: craft the cache in a background thread, "
+                  "in the order training consumes it, so the meta steps start at once (the same cache either way).")
 flags.DEFINE_enum("student_init", "random", ["random", "teacher"],
                   "Initial weights of the student encoder: random (official) or a copy of the teacher encoder's.")
 flags.DEFINE_enum("stage1_precision", "float32", ["float32", "mixed_bfloat16"],
@@ -144,7 +148,7 @@ def build_config():
         teacher=StageTrainConfig(epochs=FLAGS.teacher_epochs, learning_rate=FLAGS.teacher_lr,
                                  reconstruction_weight=FLAGS.reconstruction_weight, **common),
         mid=MIDStageConfig(
-            epochs=FLAGS.mid_epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.mid_lr,
+            epochs=FLAGS.mid_epochs, batch_size=FLAGS.mid_batch_size or FLAGS.batch_size, learning_rate=FLAGS.mid_lr,
             lr_schedule=FLAGS.mid_lr_schedule, lr_final_fraction=FLAGS.mid_lr_final_fraction,
             steps_per_epoch=FLAGS.mid_steps_per_epoch, pool=FLAGS.attack_pool, num_meta_train=FLAGS.num_meta_train,
             alpha=FLAGS.meta_alpha, beta=FLAGS.meta_beta, meta_order=int(FLAGS.meta_order),
@@ -152,7 +156,8 @@ def build_config():
             test_weights=_weights("meta_test_weights", FLAGS.meta_test_weights), softmax_axis=FLAGS.softmax_axis,
             kl_reduction=FLAGS.kl_reduction,
             attack_source=FLAGS.attack_source, val_examples=FLAGS.val_examples,
-            attack_cache_epochs=FLAGS.attack_cache_epochs, student_init=FLAGS.student_init,
+            attack_cache_epochs=FLAGS.attack_cache_epochs, attack_cache_overlap=FLAGS.attack_cache_overlap,
+            student_init=FLAGS.student_init,
             precision=FLAGS.mid_precision,
             val_attacks=_attacks(FLAGS.val_attacks), val_whitebox_attacks=_attacks(FLAGS.val_whitebox_attacks)),
         baseline=BaselineConfig(epochs=FLAGS.baseline_epochs, batch_size=FLAGS.batch_size,

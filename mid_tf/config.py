@@ -84,6 +84,7 @@ class MIDStageConfig:
     val_whitebox_attacks: tuple = ()     # crafted on the current C(E_s(.)) each epoch
     log_every_steps: int = 10            # TensorBoard batch-level logging period
     attack_cache_epochs: int = 0         # transfer protocol: reuse crafted attacks for K epochs (0: craft every step)
+    attack_cache_overlap: bool = True    # craft the cache in a background thread while training consumes it
     student_init: str = "random"         # random (official) | teacher (start E_s from E_t's weights)
     precision: str = "float32"           # float32 | mixed_bfloat16 (training only; see training/precision.py)
 

@@ -215,12 +215,15 @@ def test_flagfiles_parse():
         proc = subprocess.run([sys.executable, "-c", (
             "import sys; sys.argv=['train.py', %s]; import train; "
             "from absl import flags; flags.FLAGS(sys.argv); cfg = train.build_config(); cfg.validate(); "
-            "print('STAGES', ','.join(cfg.stages), 'POOL', cfg.mid.pool, 'SOURCE', cfg.mid.attack_source)" % argv)],
+            "print('STAGES', ','.join(cfg.stages), 'POOL', cfg.mid.pool, 'SOURCE', cfg.mid.attack_source, "
+            "'BATCH', cfg.mid.batch_size, cfg.mid.num_meta_train, 'OVERLAP', cfg.mid.attack_cache_overlap)" % argv)],
             cwd=repo, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"STAGES {stages}" in proc.stdout, proc.stdout
         if "configs/mnist_whitebox.flags" in flagfiles:  # nested flagfile, then its overrides
-            assert "POOL clean,fgsm_rs,pgd3,pgd5,pgd_l2_5 SOURCE student" in proc.stdout, proc.stdout
+            assert "POOL clean,fgsm_rs,pgd3,pgd5,pgd_l2_5 SOURCE student BATCH 256 4" in proc.stdout, proc.stdout
+        else:  # the MID stage's own batch size and meta-train count, the cache crafted while training
+            assert "SOURCE target BATCH 128 2 OVERLAP True" in proc.stdout, proc.stdout
 
 
 def test_student_init_from_teacher_and_validation(tmp_path, mnist_small):

@@ -7,6 +7,7 @@ batches it would have seen had it never stopped. Pixels become float32 in [0, 1]
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from mid_tf.data.datasets import Split
@@ -28,17 +29,33 @@ def train_stream(split: Split, batch_size: int, seed: int, start_batch: int = 0,
                          "or raise --train_examples")
     images = tf.constant(split.images)
     labels = tf.constant(split.labels)
-    ds = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
-    # Epochs are `n // batch_size` full batches; the stream is continuous across epochs.
-    ds = ds.skip(start_batch * batch_size).batch(batch_size, drop_remainder=True)
+    ds = _index_batches(n, batch_size, seed, start_batch)
     if extra is None:
         ds = ds.map(lambda i: (_to_float(tf.gather(images, i)), tf.gather(labels, i)),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    elif hasattr(extra, "gather"):  # filled while training runs (training/attack_cache.py): waits per batch
+        def gather_extra(i):
+            out = tf.numpy_function(extra.gather, [i], tf.float32, stateful=True)
+            out.set_shape([batch_size, *extra.shape[1:]])
+            return out
+        ds = ds.map(lambda i: (_to_float(tf.gather(images, i)), tf.gather(labels, i), gather_extra(i)))
     else:
         extra = tf.constant(extra)
         ds = ds.map(lambda i: (_to_float(tf.gather(images, i)), tf.gather(labels, i), tf.gather(extra, i)),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _index_batches(n: int, batch_size: int, seed: int, start_batch: int) -> tf.data.Dataset:
+    ds = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+    # Epochs are `n // batch_size` full batches; the stream is continuous across epochs.
+    return ds.skip(start_batch * batch_size).batch(batch_size, drop_remainder=True)
+
+
+def epoch_order(n: int, batch_size: int, seed: int, start_batch: int, steps: int):
+    """The example indices `train_stream(..., seed, start_batch)` yields in its next `steps` batches (flat)."""
+    batches = _index_batches(n, batch_size, seed, start_batch).take(steps)
+    return np.concatenate([b.numpy() for b in batches]) if steps else np.zeros([0], np.int64)
 
 
 def eval_dataset(split: Split, batch_size: int) -> tf.data.Dataset:

@@ -15,7 +15,7 @@ from mid_tf.models import MIDModels
 from mid_tf.training.callbacks import AttackValidation
 from mid_tf.training.losses import LossWeights
 from mid_tf.training.meta import MetaConfig, MetaInvarianceDefense
-from mid_tf.training.attack_cache import build_cache
+from mid_tf.training.attack_cache import AttackCache, crafting_order
 from mid_tf.training.resumable import fit_resumable, latest_step
 
 
@@ -72,10 +72,21 @@ def train_mid(models: MIDModels, split: Split, cfg: MIDStageConfig, *, seed: int
     k = cfg.attack_cache_epochs
     resumed = latest_step(ckpt_dir) or 0
     for refresh in range(resumed // (k * spe), -(-cfg.epochs // k)):
-        cache = build_cache(mid.pool, models.target, split, batch_size=max(cfg.batch_size, 256), refresh=refresh,
-                            progress=bool(verbose))
+        # Crafted in the order the period's first epoch consumes the examples (attack_cache.py), so that
+        # with overlap the meta steps start after the first chunk; the cache is the same either way.
+        order = crafting_order(len(split), cfg.batch_size, seed + 1, refresh * k * spe, spe)
+        cache = AttackCache(mid.pool, models.target, split, batch_size=max(cfg.batch_size, 256), refresh=refresh,
+                            order=order)
+        if cfg.attack_cache_overlap:
+            if verbose:
+                print(f"attack cache: crafting {mid.pool.num_tasks} tasks {list(mid.pool.names)} for {len(split)} "
+                      f"examples (refresh {refresh}) while training", flush=True)
+            cache.start()
+        else:
+            cache.fill(progress=bool(verbose))
         fit_resumable(mid, lambda start, c=cache: train_stream(split, cfg.batch_size, seed=seed + 1, start_batch=start,
                                                                extra=c),
                       epochs=min(cfg.epochs, (refresh + 1) * k), **fit)
+        cache.join()
         del cache
     return mid, resumed
