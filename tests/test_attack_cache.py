@@ -12,7 +12,7 @@ from mid_tf.attacks.pool import AttackPool
 from mid_tf.data import Split, train_stream
 from mid_tf.data.pipeline import epoch_order
 from mid_tf.models import build_models
-from mid_tf.training.attack_cache import AttackCache, build_cache, crafting_order
+from mid_tf.training.attack_cache import AttackCache, crafting_order
 
 POOL = "clean,fgsm,pgd40:nb_iter=2,eps_iter=0.15"
 
@@ -40,7 +40,7 @@ def test_overlapped_cache_equals_the_prebuilt_one_bit_for_bit(small):
     target = build_models("mnist", width=0.25).target
     pool = AttackPool(POOL, seed=1)
     order = crafting_order(len(small), 64, seed=2, start_batch=0, steps=3)
-    prebuilt = build_cache(pool, target, small, batch_size=64, refresh=1, order=order, progress=False)
+    prebuilt = AttackCache(pool, target, small, batch_size=64, refresh=1, order=order).fill().data
     cache = AttackCache(pool, target, small, batch_size=64, refresh=1, order=order).start()
     # The stream waits for each batch's examples: what it yields is the finished cache's content.
     batches = list(train_stream(small, 64, seed=2, extra=cache).take(3))
@@ -54,7 +54,7 @@ def test_overlapped_cache_equals_the_prebuilt_one_bit_for_bit(small):
     # The attacks moved the pixels (not a copy of the clean task), within eps.
     assert np.abs(prebuilt[:, 1] - prebuilt[:, 0]).max() == pytest.approx(0.3, abs=1e-5)
     # Another refresh draws other random starts for PGD; FGSM (no random start) is the same.
-    other = build_cache(pool, target, small, batch_size=64, refresh=2, order=order, progress=False)
+    other = AttackCache(pool, target, small, batch_size=64, refresh=2, order=order).fill().data
     np.testing.assert_array_equal(other[:, 1], prebuilt[:, 1])
     assert not np.array_equal(other[:, 2], prebuilt[:, 2])
 

@@ -63,7 +63,14 @@ class AttackCache:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self.shape, self.dtype = self.data.shape, self.data.dtype
+
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    def announce(self, how: str) -> None:
+        print(f"attack cache: crafting {self.pool.num_tasks} tasks {list(self.pool.names)} for {len(self.order)} "
+              f"examples (refresh {self.refresh}){how}", flush=True)
 
     def fill(self, progress: bool = False) -> "AttackCache":
         craft = tf.function(lambda x, y, step: self.pool.craft_all(self.source_model, x, y, step),
@@ -71,8 +78,7 @@ class AttackCache:
         n = len(self.order)
         bar = keras.utils.Progbar(n, unit_name="image") if progress else None
         if progress:
-            print(f"attack cache: crafting {self.pool.num_tasks} tasks {list(self.pool.names)} for {n} examples "
-                  f"(refresh {self.refresh})", flush=True)
+            self.announce("")
         try:
             for c, start in enumerate(range(0, n, self.batch_size)):
                 idx = self.order[start:start + self.batch_size]
@@ -124,11 +130,3 @@ class AttackCache:
     @property
     def complete(self) -> bool:
         return bool(self._ready.all())
-
-
-def build_cache(pool, source_model, split: Split, *, batch_size: int, refresh: int, order: np.ndarray | None = None,
-                progress: bool = True) -> np.ndarray:
-    """The whole cache, crafted now in this thread: float32 [N, T, H, W, C] (order: ascending by default)."""
-    order = np.arange(len(split)) if order is None else order
-    cache = AttackCache(pool, source_model, split, batch_size=batch_size, refresh=refresh, order=order)
-    return cache.fill(progress).data

@@ -79,8 +79,7 @@ def train_mid(models: MIDModels, split: Split, cfg: MIDStageConfig, *, seed: int
                             order=order)
         if cfg.attack_cache_overlap:
             if verbose:
-                print(f"attack cache: crafting {mid.pool.num_tasks} tasks {list(mid.pool.names)} for {len(split)} "
-                      f"examples (refresh {refresh}) while training", flush=True)
+                cache.announce(" while training")
             cache.start()
         else:
             cache.fill(progress=bool(verbose))
