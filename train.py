@@ -60,13 +60,15 @@ flags.DEFINE_bool("attack_cache_overlap", True, "With --attack_cache_epochs: cra
                   "in the order training consumes it, so the meta steps start at once (the same cache either way).")
 flags.DEFINE_enum("student_init", "random", ["random", "teacher"],
                   "Initial weights of the student encoder: random (official) or a copy of the teacher encoder's.")
-flags.DEFINE_enum("stage1_precision", "float32", ["float32", "mixed_bfloat16"],
+flags.DEFINE_enum("stage1_precision", "float32", ["auto", "float32", "mixed_bfloat16"],
                   "Compute dtype of the target and teacher training (as --mid_precision): the saved networks and "
                   "everything after them stay float32.")
-flags.DEFINE_enum("mid_precision", "float32", ["float32", "mixed_bfloat16"],
+flags.DEFINE_enum("mid_precision", "float32", ["auto", "float32", "mixed_bfloat16"],
                   "Compute dtype of MID training: mixed_bfloat16 = bfloat16 activations with float32 weights and "
-                  "losses (~1.65x faster on CPUs with AVX512_BF16/AMX; slower on others). The saved student, "
-                  "export and evaluation stay float32.")
+                  "losses (~1.65x faster on CPUs with AVX512_BF16/AMX; far slower on others, where TF emulates "
+                  "bfloat16). auto = mixed_bfloat16 where bfloat16 is native (CPU AVX512_BF16/AMX-BF16, or a GPU "
+                  "of compute capability >= 8.0), float32 elsewhere. The saved student, export and evaluation stay "
+                  "float32.")
 flags.DEFINE_float("meta_alpha", 1e-4, "Inner step size alpha: theta' = theta - alpha * grad L_train (official 1e-4).",
                    lower_bound=0.0)
 flags.DEFINE_float("meta_beta", 1.0, "Weight beta of the meta-test loss (official 1).", lower_bound=0.0)
@@ -135,12 +137,22 @@ def _attacks(text):
     return tuple(spec.name for spec in parse_attack_list(text)) if text.strip() else ()
 
 
+def _precision(flag: str) -> str:
+    """--<flag> with `auto` resolved for this machine (training/precision.py), said once when resolved."""
+    from mid_tf.training.precision import resolve
+    chosen, why = resolve(getattr(FLAGS, flag))
+    if getattr(FLAGS, flag) == "auto":
+        print(f"--{flag}=auto -> {chosen} ({why.removeprefix('auto: ')})", flush=True)
+    return chosen
+
+
 def build_config():
     from mid_tf.config import BaselineConfig, DataConfig, MIDStageConfig, RunConfig, StageTrainConfig
 
     data = DataConfig(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, download=FLAGS.download,
                       train_examples=FLAGS.train_examples, eval_examples=FLAGS.eval_examples)
-    common = dict(batch_size=FLAGS.batch_size, lr_schedule=FLAGS.lr_schedule, precision=FLAGS.stage1_precision)
+    common = dict(batch_size=FLAGS.batch_size, lr_schedule=FLAGS.lr_schedule,
+                  precision=_precision("stage1_precision"))
     return RunConfig(
         model_dir=FLAGS.model_dir, data=data, stages=tuple(s.strip() for s in FLAGS.stages if s.strip()),
         seed=FLAGS.seed, width=FLAGS.width, checkpoint_every=FLAGS.checkpoint_every, verbose=FLAGS.verbose,
@@ -158,7 +170,7 @@ def build_config():
             attack_source=FLAGS.attack_source, val_examples=FLAGS.val_examples,
             attack_cache_epochs=FLAGS.attack_cache_epochs, attack_cache_overlap=FLAGS.attack_cache_overlap,
             student_init=FLAGS.student_init,
-            precision=FLAGS.mid_precision,
+            precision=_precision("mid_precision"),
             val_attacks=_attacks(FLAGS.val_attacks), val_whitebox_attacks=_attacks(FLAGS.val_whitebox_attacks)),
         baseline=BaselineConfig(epochs=FLAGS.baseline_epochs, batch_size=FLAGS.batch_size,
                                 learning_rate=FLAGS.baseline_lr, lr_schedule=FLAGS.lr_schedule,

@@ -65,14 +65,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def timeit(fn, iters: int, warmup: int = 1) -> float:
     """Median seconds per call after `warmup` untimed calls."""
     for _ in range(warmup):
@@ -113,13 +105,19 @@ def matmul_peak(tf, dtype, n: int = 2048, iters: int = 10) -> float:
     return 2 * n ** 3 / sec / 1e9
 
 
-def build_mid(tf, keras, model_dir, meta_order: int, seed: int = 0, batched_runner=None):
+def pool_names(attack_steps: int = 40) -> tuple:
+    """The official pool, its attacks cut to `attack_steps` steps (40 = the official pool; the smoke test uses
+    fewer: the attacks are unrolled, and tracing 4 x 40 steps dominated its run time on a 2-core CPU)."""
+    return POOL if attack_steps == 40 else tuple(n if n == "clean" else f"{n}:nb_iter={attack_steps}" for n in POOL)
+
+
+def build_mid(tf, keras, model_dir, meta_order: int, seed: int = 0, batched_runner=None, attack_steps: int = 40):
     from mid_tf.artifacts import load_models
     from mid_tf.attacks.pool import AttackPool
     from mid_tf.models import build_models
     from mid_tf.training.meta import MetaConfig, MetaInvarianceDefense
     models = load_models(model_dir, ("target", "teacher")) if model_dir else build_models("mnist")
-    pool = AttackPool(POOL, seed=seed, batched_runner=batched_runner)
+    pool = AttackPool(pool_names(attack_steps), seed=seed, batched_runner=batched_runner)
     mid = MetaInvarianceDefense(student_encoder=models.student_encoder, teacher_encoder=models.teacher_encoder,
                                 decoder=models.decoder, classifier=models.classifier, target=models.target,
                                 pool=pool, config=MetaConfig(meta_order=meta_order), name="mid")
@@ -157,6 +155,8 @@ def main(argv=None):
     p.add_argument("--model_dir", default=None, help="a train.py model_dir with target+teacher (else random init)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--iters", type=int, default=3, help="timed iterations per variant (median)")
+    p.add_argument("--attack_steps", type=int, default=40,
+                   help="steps of each pool attack (40 = the official pool; fewer only for smoke tests)")
     p.add_argument("--variants", default="graph,order1,batched,cache,eager,xla,bf16,bf16_order1,mirrored")
     p.add_argument("--official", action="store_true", help="also run the official PyTorch loop and print the ratio")
     a = p.parse_args(argv)
@@ -168,15 +168,19 @@ def main(argv=None):
         variants.insert(0, "graph")
     if "mirrored" in variants and a.batch % 2:
         p.error("--batch must be even for the mirrored variant")
+    if a.attack_steps < 1:
+        p.error(f"--attack_steps must be >= 1, got {a.attack_steps}")
 
     import tensorflow as tf
     if "mirrored" in variants:
         from mid_tf.training.distribute import configure_logical_cpus
         configure_logical_cpus(2)
     import keras
+    from mid_tf.training.precision import native_bfloat16
+    bf16_native, bf16_why = native_bfloat16()
 
     print(f"cpu: {cpu_model()}  cores: {os.cpu_count()}  tensorflow {tf.__version__}  keras {keras.__version__}  "
-          f"batch {a.batch}  avx512_bf16/amx: {cpu_has_bf16()}  weights: {a.model_dir or 'random init'}")
+          f"batch {a.batch}  native bfloat16: {bf16_native}  weights: {a.model_dir or 'random init'}")
     if a.data_dir:
         from mid_tf.data.datasets import load_split
         split = load_split("mnist", "train", a.data_dir, limit=a.batch)
@@ -192,7 +196,7 @@ def main(argv=None):
     results = {}
 
     # ---- graph: fused step, and its split
-    mid = build_mid(tf, keras, a.model_dir, 2)
+    mid = build_mid(tf, keras, a.model_dir, 2, attack_steps=a.attack_steps)
     craft = tf.function(lambda: mid.pool.craft_all(mid.target, x, y, step))
     tasks = tf.transpose(craft(), [1, 0, 2, 3, 4])  # [B, T, ...] as the cache feeds it
     fused = tf.function(lambda: mid.train_step((x, y)))
@@ -209,9 +213,9 @@ def main(argv=None):
             loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, mid.target(z, training=False)))
         return tape.gradient(loss, z)
     step_flops = graph_flops(tf.function(attack_step).get_concrete_function(tf.TensorSpec(x.shape, tf.float32)))
-    attack_flops = step_flops * 40 * 4
+    attack_flops = step_flops * a.attack_steps * 4
     meta_flops = graph_flops(meta_only.get_concrete_function())
-    print(f"\nFLOPs per iteration: attacks {attack_flops / 1e9:.1f} G (one step {step_flops / 1e6:.0f} M x 40 x 4), "
+    print(f"\nFLOPs per iteration: attacks {attack_flops / 1e9:.1f} G (one step {step_flops / 1e6:.0f} M x {a.attack_steps} x 4), "
           f"meta update {meta_flops / 1e9:.1f} G")
     print(f"\n{'variant':11s} {'s/iter':>8s} {'img/s':>8s} {'vs graph':>9s}  notes")
 
@@ -223,13 +227,13 @@ def main(argv=None):
         f"({meta_flops / t_meta / 1e9:.0f} GFLOP/s); fused total {(attack_flops + meta_flops) / t_total / 1e9:.0f} GFLOP/s")
 
     if "order1" in variants:
-        mid1 = build_mid(tf, keras, a.model_dir, 1)
+        mid1 = build_mid(tf, keras, a.model_dir, 1, attack_steps=a.attack_steps)
         f1 = tf.function(lambda: mid1.train_step((x, y)))
         m1 = tf.function(lambda: mid1.train_step((x, y, tasks)))
         results["order1"] = timeit(lambda: f1()["loss"].numpy(), a.iters)
         row("order1", results["order1"], f"meta update alone {timeit(lambda: m1()['loss'].numpy(), a.iters):.3f} s")
     if "batched" in variants:
-        midb4 = build_mid(tf, keras, a.model_dir, 2, batched_runner=True)
+        midb4 = build_mid(tf, keras, a.model_dir, 2, batched_runner=True, attack_steps=a.attack_steps)
         fb4 = tf.function(lambda: midb4.train_step((x, y)))
         results["batched"] = timeit(lambda: fb4()["loss"].numpy(), a.iters)
         row("batched", results["batched"], "attacks as one 4x batch loop (same results up to round-off)")
@@ -247,13 +251,13 @@ def main(argv=None):
         except Exception as e:  # report, keep going: XLA support differs by op and platform
             print(f"{'xla':11s} failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
     bf16_variants = [v for v in ("bf16", "bf16_order1") if v in variants]
-    if bf16_variants and not cpu_has_bf16():
-        print(f"{'bf16':11s} skipped: no AVX512_BF16/AMX on this CPU")
+    if bf16_variants and not bf16_native:
+        print(f"{'bf16':11s} skipped: {bf16_why}")
     elif bf16_variants:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
         try:
             if "bf16" in variants:
-                midb = build_mid(tf, keras, a.model_dir, 2)
+                midb = build_mid(tf, keras, a.model_dir, 2, attack_steps=a.attack_steps)
                 fb = tf.function(lambda: midb.train_step((x, y)))
                 cb = tf.function(lambda: midb.pool.craft_all(midb.target, x, y, step))
                 results["bf16"] = timeit(lambda: fb()["loss"].numpy(), a.iters)
@@ -272,7 +276,7 @@ def main(argv=None):
                              + "/".join(f"{v:.1%}" for v in s32) + " vs bf16 " + "/".join(f"{v:.1%}" for v in s16))
                 row("bf16", results["bf16"], note)
             if "bf16_order1" in variants:
-                midb1 = build_mid(tf, keras, a.model_dir, 1)
+                midb1 = build_mid(tf, keras, a.model_dir, 1, attack_steps=a.attack_steps)
                 fb1 = tf.function(lambda: midb1.train_step((x, y)))
                 results["bf16_order1"] = timeit(lambda: fb1()["loss"].numpy(), a.iters)
                 row("bf16_order1", results["bf16_order1"], "mixed_bfloat16, --meta_order=1")
@@ -282,7 +286,7 @@ def main(argv=None):
         from mid_tf.training.distribute import make_strategy
         strategy = make_strategy("mirrored")
         with strategy.scope():
-            midm = build_mid(tf, keras, a.model_dir, 2)
+            midm = build_mid(tf, keras, a.model_dir, 2, attack_steps=a.attack_steps)
         ds = tf.data.Dataset.from_tensors((x, y)).repeat().unbatch().batch(a.batch)
         it = iter(strategy.experimental_distribute_dataset(ds))
         fm = tf.function(lambda: strategy.run(midm.train_step, args=(next(it),)))

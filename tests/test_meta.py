@@ -216,7 +216,8 @@ def test_flagfiles_parse():
             "import sys; sys.argv=['train.py', %s]; import train; "
             "from absl import flags; flags.FLAGS(sys.argv); cfg = train.build_config(); cfg.validate(); "
             "print('STAGES', ','.join(cfg.stages), 'POOL', cfg.mid.pool, 'SOURCE', cfg.mid.attack_source, "
-            "'BATCH', cfg.mid.batch_size, cfg.mid.num_meta_train, 'OVERLAP', cfg.mid.attack_cache_overlap)" % argv)],
+            "'BATCH', cfg.mid.batch_size, cfg.mid.num_meta_train, 'OVERLAP', cfg.mid.attack_cache_overlap, "
+            "'PRECISION', cfg.target.precision, cfg.teacher.precision, cfg.mid.precision)" % argv)],
             cwd=repo, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"STAGES {stages}" in proc.stdout, proc.stdout
@@ -224,6 +225,11 @@ def test_flagfiles_parse():
             assert "POOL clean,fgsm_rs,pgd3,pgd5,pgd_l2_5 SOURCE student BATCH 256 4" in proc.stdout, proc.stdout
         else:  # the MID stage's own batch size and meta-train count, the cache crafted while training
             assert "SOURCE target BATCH 128 2 OVERLAP True" in proc.stdout, proc.stdout
+        # --*_precision=auto is resolved for this machine before the config is built
+        from mid_tf.training.precision import resolve
+        auto = resolve("auto")[0]
+        assert f"PRECISION {auto} {auto} {auto}" in proc.stdout, proc.stdout
+        assert "--mid_precision=auto -> " + auto in proc.stdout, proc.stdout
 
 
 def test_student_init_from_teacher_and_validation(tmp_path, mnist_small):
