@@ -38,6 +38,11 @@ def tiny_target() -> keras.Model:
     return train_target()
 
 
+# The 100-step restart attacks with 10 steps (same code: restarts, margin loss) for tests that run every
+# registered attack: 100 unrolled steps x 5 restarts took 75-100 s each to trace and run on a 2-core CPU.
+FEWER_STEPS = {"pgd100x5": "nb_iter=10,eps_iter=0.04", "pgd100x5_margin": "nb_iter=10,eps_iter=0.04"}
+
+
 @functools.cache
 def test_batch(n: int = 128):
     """The first `n` MNIST test images (float32 [0,1]) and labels (int64)."""

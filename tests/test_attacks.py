@@ -12,9 +12,6 @@ from mid_tf.attacks.registry import REGISTRY, AttackSpec, get_spec, make_attack,
 
 GRAPH_SAFE = sorted(n for n, s in REGISTRY.items() if s.graph_safe and s.method != "clean")
 ITERATIVE_UNTARGETED = ["bim40", "pgd40", "mim40", "pgd_l2", "pgd100x5", "pgd100x5_margin"]
-# The restart attacks run here with 10 steps instead of 100 (same code: restarts, margin loss): 100 unrolled
-# steps x 5 restarts, eager then traced, took ~100 s each on a 2-core CPU.
-FEWER_STEPS = {"pgd100x5": "nb_iter=10,eps_iter=0.04", "pgd100x5_margin": "nb_iter=10,eps_iter=0.04"}
 # fgsm_t0 is left out: one eps=0.3 step overshoots (hits class 0 ~5%; it still drops accuracy, above).
 TARGETED = ["bim40_t0", "pgd40_t0", "mim40_t0", "pgd40_trand", "pgd40_tll"]
 
@@ -100,7 +97,7 @@ def test_unknown_name_lists_valid_names_and_overrides_parse():
 @pytest.mark.parametrize("name", GRAPH_SAFE)
 def test_graph_safe_attack_bounds_and_tf_function(name, fn, batch, clean_acc):
     x, y = batch
-    spec = get_spec(f"{name}:{FEWER_STEPS[name]}") if name in FEWER_STEPS else REGISTRY[name]
+    spec = get_spec(f"{name}:{F.FEWER_STEPS[name]}") if name in F.FEWER_STEPS else REGISTRY[name]
     attack = make_attack(spec)
     adv = attack(fn, tf.constant(x), tf.constant(y), seed=7).numpy()
     d = _check_bounds(spec, x, adv)

@@ -9,8 +9,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_train_step_benchmark_runs_its_variants():
     proc = subprocess.run([sys.executable, "benchmarks/train_step.py", "--batch", "8", "--iters", "1",
-                           "--attack_steps", "2", "--variants", "graph,order1,cache,bf16"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "MID_DATA_DIR": ""})
+                           "--attack_steps", "2", "--variants", "graph,order1,cache,bf16"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "MID_DATA_DIR": ""})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "cpu:" in out and "float32 2048x2048 matmul" in out and "FLOPs per iteration" in out

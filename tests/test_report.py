@@ -19,8 +19,7 @@ CHEAP = {"cw_l2": "max_iterations=10,binary_search_steps=1", "cw_l2_t0": "max_it
          "spsa": "nb_iter=3,spsa_samples=16", "spsa_t0": "nb_iter=3,spsa_samples=16",
          "autoattack": "max_iter=5,square_max_iter=20", "apgd_ce": "max_iter=5", "apgd_dlr": "max_iter=5",
          "square": "max_iter=20", "deepfool": "max_iter=5", "spatial": "num_translations=2,num_rotations=2",
-         # 100 unrolled steps x 5 restarts took ~75 s each to trace and run; 10 x 5 runs the same code
-         "pgd100x5": "nb_iter=10,eps_iter=0.04", "pgd100x5_margin": "nb_iter=10,eps_iter=0.04"}
+         **F.FEWER_STEPS}
 POOL = ("clean", "pgd10", "pgd10_t0", "mim10", "mim10_t0")
 
 
