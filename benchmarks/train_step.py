@@ -23,12 +23,15 @@ Variants (each printed with img/s and its ratio to `graph`):
             images with the trained target and prints both success rates
   bf16_order1  the same with --meta_order=1
   mirrored  MirroredStrategy over 2 logical CPU devices, 128 images per replica
+  stock     the graph step traced with TF's stock kernels (models/xla_kernels.stock_ops(): oneDNN
+            MaxPool/MaxPoolGrad and 1-channel conv instead of the compiled ones), attacks timed too
 For `graph` it splits the time into attack generation and meta update (each timed alone in its own
 tf.function) and prints achieved GFLOP/s against a float32 2048x2048 matmul measured in this run.
 
 FLOP counting: TensorFlow's graph profiler (`float_operation`: Conv2D, Conv2DBackpropInput/Filter,
 MatMul, element-wise ops) on traced graphs with static shapes, pruned to what the outputs and side
-effects need (the ops TF actually runs): (a) one attack step = target logits
+effects need (the ops TF actually runs), traced with the stock kernels (the compiled ones are the
+same maths inside function calls the profiler does not look into): (a) one attack step = target logits
 + input gradient at batch B, times 40 steps x 4 attacks (the while loop body is not seen by the
 profiler, so we count one step and multiply); (b) the whole meta-update graph (no loops).
 With --official it then runs the official harness (../shared/tools/official_mid_timing, PyTorch,
@@ -157,11 +160,11 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=3, help="timed iterations per variant (median)")
     p.add_argument("--attack_steps", type=int, default=40,
                    help="steps of each pool attack (40 = the official pool; fewer only for smoke tests)")
-    p.add_argument("--variants", default="graph,order1,batched,cache,eager,xla,bf16,bf16_order1,mirrored")
+    p.add_argument("--variants", default="graph,order1,batched,cache,eager,xla,bf16,bf16_order1,mirrored,stock")
     p.add_argument("--official", action="store_true", help="also run the official PyTorch loop and print the ratio")
     a = p.parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-    unknown = set(variants) - {"graph", "order1", "batched", "cache", "eager", "xla", "bf16", "bf16_order1", "mirrored"}
+    unknown = set(variants) - {"graph", "order1", "batched", "cache", "eager", "xla", "bf16", "bf16_order1", "mirrored", "stock"}
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}")
     if "graph" not in variants:
@@ -212,9 +215,11 @@ def main(argv=None):
             tape.watch(z)
             loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, mid.target(z, training=False)))
         return tape.gradient(loss, z)
-    step_flops = graph_flops(tf.function(attack_step).get_concrete_function(tf.TensorSpec(x.shape, tf.float32)))
+    from mid_tf.models import xla_kernels
+    with xla_kernels.stock_ops():  # same maths; the compiled kernels hide their ops inside function calls
+        step_flops = graph_flops(tf.function(attack_step).get_concrete_function(tf.TensorSpec(x.shape, tf.float32)))
+        meta_flops = graph_flops(tf.function(lambda: mid.train_step((x, y, tasks))).get_concrete_function())
     attack_flops = step_flops * a.attack_steps * 4
-    meta_flops = graph_flops(meta_only.get_concrete_function())
     print(f"\nFLOPs per iteration: attacks {attack_flops / 1e9:.1f} G (one step {step_flops / 1e6:.0f} M x {a.attack_steps} x 4), "
           f"meta update {meta_flops / 1e9:.1f} G")
     print(f"\n{'variant':11s} {'s/iter':>8s} {'img/s':>8s} {'vs graph':>9s}  notes")
@@ -226,6 +231,16 @@ def main(argv=None):
         f"{attack_flops / t_attack / 1e9 / peak32:.0%} of matmul peak) + meta {t_meta:.3f} s "
         f"({meta_flops / t_meta / 1e9:.0f} GFLOP/s); fused total {(attack_flops + meta_flops) / t_total / 1e9:.0f} GFLOP/s")
 
+    if "stock" in variants:
+        with xla_kernels.stock_ops():
+            mids = build_mid(tf, keras, a.model_dir, 2, attack_steps=a.attack_steps)
+            fs = tf.function(lambda: mids.train_step((x, y)))
+            cs = tf.function(lambda: mids.pool.craft_all(mids.target, x, y, step))
+            fs.get_concrete_function(), cs.get_concrete_function()  # trace under the switch
+        results["stock"] = timeit(lambda: fs()["loss"].numpy(), a.iters)
+        ts = timeit(lambda: cs().numpy(), a.iters)
+        row("stock", results["stock"], f"TF's stock kernels: attacks {ts:.3f} s ({attack_flops / ts / 1e9:.0f} GFLOP/s = "
+            f"{attack_flops / ts / 1e9 / peak32:.0%} of peak), {ts / t_attack:.2f}x the compiled kernels' attack time")
     if "order1" in variants:
         mid1 = build_mid(tf, keras, a.model_dir, 1, attack_steps=a.attack_steps)
         f1 = tf.function(lambda: mid1.train_step((x, y)))
@@ -302,7 +317,8 @@ def main(argv=None):
                                "and meta-test passes, no second-order term)",
                      "batched": "float32, second order, attacks as one 4x batch",
                      "bf16": "mixed bfloat16, second order", "bf16_order1": "mixed bfloat16, first order",
-                     "cache": "meta update only, attacks from the cache: not the same work"}
+                     "cache": "meta update only, attacks from the cache: not the same work",
+                     "stock": "float32, second order, TF's stock kernels (no compiled pooling/conv)"}
             print(f"official: {off['median_total_s']:.3f} s/iter = {off['images_per_s']:.1f} img/s "
                   f"(attacks {off['median_attack_s']:.3f} s, meta {off['median_meta_s']:.3f} s)")
             ratios = {v: a.batch / results[v] / off["images_per_s"] for v in notes if v in results}

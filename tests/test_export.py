@@ -75,6 +75,20 @@ def test_signatures_have_stable_names_and_no_output_0(exported):
     assert "output_0" not in json.dumps(summary)
 
 
+def test_served_graph_holds_standard_kernels_only(exported):
+    """Training uses XLA-compiled pooling/conv kernels (models/xla_kernels.py); the export must not."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    _, path, _ = exported
+    sm = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        sm.ParseFromString(f.read())
+    library = sm.meta_graphs[0].graph_def.library
+    compiled = [f.signature.name for f in library.function if f.attr["_XlaMustCompile"].b]
+    op_types = {n.op for f in library.function for n in f.node_def}
+    assert not compiled, f"XLA-compiled functions in the SavedModel: {compiled}"
+    assert "MaxPool" in op_types  # the stock pooling, i.e. the switch really applied while tracing
+
+
 def test_fresh_tensorflow_only_process_matches_keras(exported, tmp_path):
     _, path, models = exported
     images = images01()

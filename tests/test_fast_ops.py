@@ -1,4 +1,4 @@
-"""The fast CPU ops (models/fast_conv.py, pooling.upsample2x) compute what the stock Keras/TF ops compute:
+"""The fast CPU ops (models/fast_conv.py, models/xla_kernels.py, pooling.upsample2x) compute what the stock Keras/TF ops compute:
 values, first-order and second-order gradients (the exact MID meta step differentiates gradients),
 in float32 and under the mixed_bfloat16 policy; and checkpoints of the stock layers load into them."""
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mid_tf.models import fast_conv, lenet
-from mid_tf.models.pooling import upsample2x
+from mid_tf.models import fast_conv, lenet, xla_kernels
+from mid_tf.models.pooling import MaxPooling2D, MaxPoolWithIndices, upsample2x
 
 
 def _grads_two_orders(fn, x, variables):
@@ -104,7 +104,10 @@ def test_target_pool_then_relu_equals_stock_target_and_loads_its_checkpoint(tmp_
     ours = lenet.build_target()
     ours.load_weights(path)  # same checkpoint layout
     x = tf.random.stateless_uniform((16, 28, 28, 1), [7, 8])
-    np.testing.assert_array_equal(ours(x).numpy(), stock(x).numpy())
+    with xla_kernels.stock_ops():  # pooling before relu is exact: same ops, same bits
+        np.testing.assert_array_equal(ours(x).numpy(), stock(x).numpy())
+    # The compiled 1-channel conv sums its 9 taps in another order: float32 round-off only.
+    np.testing.assert_allclose(ours(x).numpy(), stock(x).numpy(), rtol=1e-5, atol=1e-6)
 
     def input_grad(model):
         with tf.GradientTape() as t:
@@ -113,3 +116,78 @@ def test_target_pool_then_relu_equals_stock_target_and_loads_its_checkpoint(tmp_
         return t.gradient(loss, x).numpy()
     want = input_grad(stock)
     np.testing.assert_allclose(input_grad(ours), want, atol=1e-6 * max(1.0, np.abs(want).max()))
+
+
+def _tied(shape, seed):
+    """Small integers: most 2x2 windows hold tied maxima, as a constant MNIST background does."""
+    return tf.cast(tf.random.stateless_uniform(shape, [seed, 1], 0, 3, dtype=tf.int32), tf.float32)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_compiled_max_pool_is_bit_identical_to_tf_with_ties(dtype):
+    x = tf.cast(_tied((3, 8, 10, 5), 1), dtype)
+    dy = tf.cast(tf.random.stateless_normal((3, 4, 5, 5), [2, 3]), dtype)
+
+    def value_and_grad(pool):
+        with tf.GradientTape() as t:
+            t.watch(x)
+            y = pool(x)
+        return y, t.gradient(y, x, output_gradients=dy)
+    got = value_and_grad(xla_kernels.max_pool_2x2)
+    want = value_and_grad(lambda z: tf.nn.max_pool2d(z, 2, 2, "VALID"))
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(tf.cast(g, tf.float32).numpy(), tf.cast(w, tf.float32).numpy())
+    # Each window's gradient went to one position (the first maximum), not to every tied one.
+    assert int(tf.math.count_nonzero(got[1])) == int(tf.math.count_nonzero(dy))
+
+
+def test_compiled_max_pool_layer_matches_stock_to_second_order():
+    x = _tied((2, 6, 8, 3), 4) + 0.1 * tf.random.stateless_normal((2, 6, 8, 3), [5, 6])
+    scale = tf.random.stateless_normal((2, 6, 8, 3), [7, 8])
+    a = _grads_two_orders(lambda z: MaxPooling2D(2)(z * scale), x, [])
+    b = _grads_two_orders(lambda z: keras.layers.MaxPooling2D(2)(z * scale), x, [])
+    for got, want in zip(tf.nest.flatten(a), tf.nest.flatten(b)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+
+
+def test_compiled_max_pool_layer_falls_back_for_odd_sizes_and_other_pools():
+    for layer, shape in [(MaxPooling2D(2), (2, 7, 7, 3)), (MaxPooling2D(3), (2, 9, 9, 3)),
+                         (MaxPooling2D(2, strides=1), (2, 6, 6, 3))]:
+        x = tf.random.stateless_normal(shape, [9, 9])
+        stock = keras.layers.MaxPooling2D(layer.pool_size, strides=layer.strides)
+        np.testing.assert_array_equal(layer(x).numpy(), stock(x).numpy())
+
+
+def test_max_pool_with_indices_keeps_values_gradients_and_switches():
+    x = _tied((2, 8, 8, 4), 11)
+    layer = MaxPoolWithIndices()
+
+    def run():
+        with tf.GradientTape() as t:
+            t.watch(x)
+            pooled, switches = layer(x)
+            loss = tf.reduce_sum(pooled * tf.range(1.0, 5.0))
+        return pooled, switches, t.gradient(loss, x)
+    fast = run()
+    with xla_kernels.stock_ops():
+        stock = run()
+    for got, want in zip(fast, stock):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def _op_types(fn, x):
+    graph = tf.function(fn).get_concrete_function(tf.TensorSpec(x.shape, x.dtype)).graph
+    return {op.type for op in graph.get_operations()}
+
+
+def test_stock_ops_and_env_var_turn_the_compiled_kernels_off(monkeypatch):
+    model = lenet.build_target(width=0.25)
+    x = tf.zeros((2, 28, 28, 1))
+    compiled = _op_types(model, x)
+    assert "MaxPool" not in compiled and {"PartitionedCall", "StatefulPartitionedCall"} & compiled
+    with xla_kernels.stock_ops():
+        stock = _op_types(model, x)
+    assert "MaxPool" in stock and not {"PartitionedCall", "StatefulPartitionedCall"} & stock
+    monkeypatch.setenv("MID_TF_XLA_KERNELS", "0")
+    assert not xla_kernels.enabled() and _op_types(model, x) == stock

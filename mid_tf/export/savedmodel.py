@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from mid_tf.export import warmup as warmup_lib
-from mid_tf.models import build_pipeline, build_regenerator
+from mid_tf.models import build_pipeline, build_regenerator, xla_kernels
 
 SIGNATURES = ("serving_default", "regenerate", "classify_encoded")
 CLASSIFY_OUTPUTS = ("logits", "probabilities", "classes")
@@ -220,8 +220,9 @@ def export_model(models, export_base: str, version: int | None = None, *, overwr
     tmp = os.path.join(export_base, f".tmp-{os.getpid()}-{version}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        module = build_serving_module(models)
-        _save_savedmodel(module, tmp)
+        with xla_kernels.stock_ops():  # the served graph: standard kernels only, nothing for Serving to JIT
+            module = build_serving_module(models)
+            _save_savedmodel(module, tmp)
         _write_assets_extra(tmp, module, model_name, version, dict(metadata or {}))
         if verify:
             _verify_before_publishing(tmp, models, tolerance)

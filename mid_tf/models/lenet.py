@@ -16,7 +16,7 @@ from __future__ import annotations
 import keras
 
 from mid_tf.models import fast_conv
-from mid_tf.models.pooling import MaxPoolWithIndices, MaxUnpool
+from mid_tf.models.pooling import MaxPooling2D, MaxPoolWithIndices, MaxUnpool
 
 
 def _channels(width: float) -> tuple[int, int]:
@@ -29,10 +29,10 @@ def build_target(input_shape=(28, 28, 1), num_classes=10, width=1.0, name="targe
     # relu(maxpool(z)) == maxpool(relu(z)) (relu is monotone), values and gradients: pooling first runs
     # the relu and its gradient on a 4x smaller tensor (the attack loop's hot path; same checkpoints).
     h = fast_conv.Conv2D(c1, 3, padding="same", name="conv1")(x)
-    h = keras.layers.MaxPooling2D(2, name="pool1")(h)
+    h = MaxPooling2D(2, name="pool1")(h)
     h = keras.layers.ReLU(name="relu1")(h)
     h = keras.layers.Conv2D(c2, 3, padding="same", name="conv2")(h)
-    h = keras.layers.MaxPooling2D(2, name="pool2")(h)
+    h = MaxPooling2D(2, name="pool2")(h)
     h = keras.layers.ReLU(name="relu2")(h)
     h = keras.layers.Flatten(name="flatten")(h)
     h = keras.layers.Dense(200, activation="relu", name="fc1")(h)
