@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from mid_tf.models import fast_conv, lenet, xla_kernels
-from mid_tf.models.pooling import MaxPooling2D, MaxPoolWithIndices, upsample2x
+from mid_tf.models.pooling import MaxPooling2D, MaxPoolWithIndices, MaxUnpool, upsample2x
 
 
 def _grads_two_orders(fn, x, variables):
@@ -191,3 +191,15 @@ def test_stock_ops_and_env_var_turn_the_compiled_kernels_off(monkeypatch):
     assert "MaxPool" in stock and not {"PartitionedCall", "StatefulPartitionedCall"} & stock
     monkeypatch.setenv("MID_TF_XLA_KERNELS", "0")
     assert not xla_kernels.enabled() and _op_types(model, x) == stock
+
+
+def test_compiled_unpool_matches_stock_to_second_order():
+    x = tf.random.stateless_normal((2, 4, 5, 3), [12, 13])
+    switches = tf.cast(tf.random.stateless_uniform((2, 8, 10, 3), [14, 15]) > 0.6, tf.float32)
+    layer = MaxUnpool()
+    fast = _grads_two_orders(lambda z: layer(z, switches), x, [])
+    with xla_kernels.stock_ops():
+        stock = _grads_two_orders(lambda z: layer(z, switches), x, [])
+    np.testing.assert_array_equal(fast[0].numpy(), stock[0].numpy())  # the same products
+    for got, want in zip(tf.nest.flatten(fast), tf.nest.flatten(stock)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)

@@ -73,8 +73,10 @@ class MaxPoolWithIndices(keras.layers.Layer):
         _, h, w, _ = x.shape
         if h % 2 or w % 2:
             raise ValueError(f"MaxPoolWithIndices needs even spatial dims, got {h}x{w}")
-        pooled = xla_kernels.max_pool_2x2(x) if xla_kernels.enabled() else ops.max_pool(
-            x, pool_size=2, strides=2, padding="valid")
+        if xla_kernels.enabled():
+            pooled = xla_kernels.max_pool_2x2(x)
+            return pooled, xla_kernels.tie_switches(x, pooled)
+        pooled = ops.max_pool(x, pool_size=2, strides=2, padding="valid")
         switches = ops.stop_gradient(ops.cast(ops.equal(x, upsample2x(pooled)), x.dtype))
         return pooled, switches
 
@@ -87,4 +89,6 @@ class MaxUnpool(keras.layers.Layer):
         return keras.KerasTensor(switches.shape, dtype=x.dtype)
 
     def call(self, x, switches):
+        if xla_kernels.enabled():
+            return xla_kernels.unpool(x, ops.stop_gradient(switches))
         return upsample2x(x) * switches

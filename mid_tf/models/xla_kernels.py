@@ -122,6 +122,51 @@ def max_pool_2x2(x):
 
 
 @tf.function(jit_compile=True)
+def _tie_switches(x, pooled):
+    _, h, w, c = x.shape
+    x6 = tf.reshape(x, [-1, h // 2, 2, w // 2, 2, c])
+    return tf.reshape(tf.cast(tf.equal(x6, pooled[:, :, None, :, None, :]), x.dtype), [-1, h, w, c])
+
+
+def tie_switches(x, pooled):
+    """`cast(x == upsample2x(pooled))` in one pass: the 0/1 unpooling switches of MaxPoolWithIndices,
+    every tied maximum marked (the encoder's documented rule), carrying no gradient."""
+    # Inputs cut from the tape, so no tape records the compiled call (it would keep its intermediates).
+    return _tie_switches(tf.stop_gradient(x), tf.stop_gradient(pooled))
+
+
+@tf.function(jit_compile=True)
+def _unpool(h, switches):
+    _, hh, ww, c = h.shape
+    s6 = tf.reshape(switches, [-1, hh, 2, ww, 2, c])
+    return tf.reshape(h[:, :, None, :, None, :] * s6, [-1, 2 * hh, 2 * ww, c])
+
+
+@tf.function(jit_compile=True)
+def _unpool_transpose(dy, switches):
+    _, h2, w2, c = dy.shape
+    shape6 = [-1, h2 // 2, 2, w2 // 2, 2, c]
+    return tf.reduce_sum(tf.reshape(dy, shape6) * tf.reshape(switches, shape6), axis=[2, 4])
+
+
+@tf.custom_gradient
+def unpool(h, switches):
+    """`upsample2x(h) * switches` (max-unpooling, [B, h, w, C] -> [B, 2h, 2w, C]) in one pass. The
+    switches are constants here (MaxPoolWithIndices stops their gradient), so they get none."""
+    def grad(dy):
+        return unpool_transpose(dy, switches), None
+    return _unpool(h, switches), grad
+
+
+@tf.custom_gradient
+def unpool_transpose(dy, switches):
+    """The transpose of `unpool`: each window's sum of dy * switches, [B, 2h, 2w, C] -> [B, h, w, C]."""
+    def grad(ddh):
+        return unpool(ddh, switches), None
+    return _unpool_transpose(dy, switches), grad
+
+
+@tf.function(jit_compile=True)
 def conv_one_channel(x, kernel):
     """tf.nn.conv2d(x, kernel, 1, 'SAME') for x [B, H, W, 1], kernel [kh, kw, 1, C]: shifted planes, fused."""
     kh, kw, _, _ = kernel.shape
