@@ -96,6 +96,10 @@ flags.DEFINE_string("baseline_attack", "pgd10", "Inner attack of PGD-AT / TRADES
                     "or FGSM; Madry's MNIST setting is pgd40).")
 flags.DEFINE_float("trades_beta", 6.0, "TRADES: weight of the KL robustness term (Zhang et al. 2019: 6).",
                    lower_bound=0.0)
+flags.DEFINE_float("baseline_eps_warmup_epochs", 2.0, "PGD-AT / TRADES: the inner attack's eps (and step) ramp "
+                   "linearly from 0 to their values over these epochs; 0: full eps from the first step (Madry's "
+                   "recipe, which stalls at chance accuracy on MNIST with Adam 1e-3: measured 11% after 2 epochs).",
+                   lower_bound=0.0)
 flags.DEFINE_string("eval_attacks", "fgsm,pgd40", "Eval stage: transfer attacks crafted on the target.")
 flags.DEFINE_string("eval_whitebox_attacks", "pgd40", "Eval stage: white-box attacks, crafted on each evaluated "
                     "model itself (MID's C(E_s(.)), the target, the baselines).")
@@ -104,6 +108,12 @@ flags.DEFINE_integer("eval_slow_examples", 1000, "Eval stage: test images for th
                      lower_bound=1)
 flags.DEFINE_list("eval_eps_sweep", ["0.1", "0.2", "0.3", "1.0"], "Eval stage: eps values of the white-box PGD-40 "
                   "sweep behind the sanity flags (accuracy must fall as eps grows and reach ~0 at eps 1); empty: off.")
+flags.DEFINE_integer("eval_workers", 1, "Eval stage: processes that craft the attacks together (this one plus "
+                     "N-1 helpers running `--stages=eval`, sharing <model_dir>/eval/memo.json). The eager-only "
+                     "attacks (CW-L2, SPSA, ART's) keep about one core busy each, so 2 suits a 2-core CPU.",
+                     lower_bound=1)
+flags.DEFINE_bool("eval_helper", False, "Internal: set on the helper processes --eval_workers starts (they craft "
+                  "unclaimed pieces of the report, then exit without writing it).")
 flags.DEFINE_bool("deterministic", False, "Enable TF op determinism (bitwise repeatable, somewhat slower).")
 
 flags.mark_flag_as_required("model_dir")
@@ -175,10 +185,11 @@ def build_config():
         baseline=BaselineConfig(epochs=FLAGS.baseline_epochs, batch_size=FLAGS.batch_size,
                                 learning_rate=FLAGS.baseline_lr, lr_schedule=FLAGS.lr_schedule,
                                 attack=_attacks(FLAGS.baseline_attack)[0] if FLAGS.baseline_attack else "pgd10",
-                                trades_beta=FLAGS.trades_beta),
+                                trades_beta=FLAGS.trades_beta, eps_warmup_epochs=FLAGS.baseline_eps_warmup_epochs),
         strategy=FLAGS.strategy,
         eval_attacks=_attacks(FLAGS.eval_attacks), eval_whitebox_attacks=_attacks(FLAGS.eval_whitebox_attacks),
         eval_slow_examples=FLAGS.eval_slow_examples, eval_eps_sweep=_floats("eval_eps_sweep", FLAGS.eval_eps_sweep),
+        eval_workers=FLAGS.eval_workers, eval_helper=FLAGS.eval_helper,
     )
 
 

@@ -124,12 +124,15 @@ class BaselineConfig:
     lr_schedule: str = "cosine"
     attack: str = "pgd10"          # inner attack (registry name): untargeted PGD/BIM/FGSM
     trades_beta: float = 6.0       # TRADES robustness weight (Zhang et al. 2019 use 6 on MNIST)
+    eps_warmup_epochs: float = 2.0  # eps ramps linearly from 0 to the attack's eps over these epochs
 
     def validate(self) -> None:
         if self.epochs < 0 or not self.learning_rate > 0:
             raise ConfigError("--baseline_epochs must be >= 0 and --baseline_lr positive")
         if self.trades_beta < 0:
             raise ConfigError(f"--trades_beta must be >= 0, got {self.trades_beta}")
+        if self.eps_warmup_epochs < 0:
+            raise ConfigError(f"--baseline_eps_warmup_epochs must be >= 0, got {self.eps_warmup_epochs}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"--lr_schedule must be constant or cosine, got {self.lr_schedule}")
 
@@ -153,6 +156,8 @@ class RunConfig:
     eval_whitebox_attacks: tuple = ("pgd40",)    # eval stage: attacks crafted on each model itself
     eval_slow_examples: int = 1000               # eval stage: images for eager-only attacks (CW, SPSA, ART)
     eval_eps_sweep: tuple = (0.1, 0.2, 0.3, 1.0)  # eval stage: white-box PGD-40 eps sweep (sanity check)
+    eval_workers: int = 1                        # eval stage: processes sharing the attacks (evaluation/memo.py)
+    eval_helper: bool = False                    # this process is a helper started by --eval_workers
     extras: dict = dataclasses.field(default_factory=dict)  # stage configs added by later stages
 
     def validate(self) -> "RunConfig":
@@ -172,6 +177,11 @@ class RunConfig:
         self.baseline.validate()
         if self.eval_slow_examples <= 0:
             raise ConfigError(f"--eval_slow_examples must be positive, got {self.eval_slow_examples}")
+        if self.eval_workers < 1:
+            raise ConfigError(f"--eval_workers must be at least 1, got {self.eval_workers}")
+        if self.eval_helper and tuple(self.stages) != ("eval",):
+            raise ConfigError("--eval_helper is set on the processes --eval_workers starts, which run "
+                              f"--stages=eval only; got --stages={','.join(self.stages)}")
         if any(not 0 < e <= 1 for e in self.eval_eps_sweep):
             raise ConfigError(f"--eval_eps_sweep values must be in (0, 1], got {self.eval_eps_sweep}")
         if self.strategy not in ("default", "mirrored", "multi_worker"):
@@ -180,3 +190,22 @@ class RunConfig:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, payload: dict) -> "RunConfig":
+        """The inverse of to_json (lists back to tuples, nested configs rebuilt)."""
+        return _from_dict(cls, payload)
+
+
+def _from_dict(cls, payload: dict):
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in payload:
+            continue
+        value, default = payload[field.name], getattr(cls, field.name, None)
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = _from_dict(type(default), value)
+        elif isinstance(value, list) and (isinstance(default, tuple) or default is None):
+            value = tuple(value)
+        kwargs[field.name] = value
+    return cls(**kwargs)

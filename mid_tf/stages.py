@@ -149,20 +149,39 @@ def _run_eval(ctx: Context) -> dict:
             if baseline not in cfg.stages:
                 artifacts.load_stage(cfg.model_dir, baseline, models)
             nets[baseline] = getattr(models, baseline)
-    report, grids = report_lib.build_report(
-        nets, ctx.test_split.images, ctx.test_split.labels, attacks=list(cfg.eval_attacks),
-        whitebox_attacks=list(cfg.eval_whitebox_attacks), pool=report_lib.pool_names(cfg.mid.pool),
-        regenerator=build_regenerator(models.student_encoder, models.decoder), slow_examples=cfg.eval_slow_examples,
-        seed=cfg.seed, eps_sweep=cfg.eval_eps_sweep, dataset=cfg.data.dataset, config=cfg.to_json(),
-        progress=bool(cfg.verbose), grid_attacks=tuple(report_lib.base_name(a) for a in cfg.eval_attacks[:3]),
-        memo=ReportMemo(os.path.join(cfg.model_dir, "eval", "memo.json")))  # a killed evaluation resumes
+    helpers, helper_codes = [], None
+    if cfg.eval_workers > 1 and not cfg.eval_helper:
+        from mid_tf.evaluation.workers import start_helpers
+        helpers = start_helpers(cfg, cfg.eval_workers - 1)
+        print(f"eval: {len(helpers)} helper process(es) share the attacks (logs: "
+              f"{os.path.join(cfg.model_dir, 'eval', 'helper-*.log')})", flush=True)
+    finished = False
+    try:
+        report, grids = report_lib.build_report(
+            nets, ctx.test_split.images, ctx.test_split.labels, attacks=list(cfg.eval_attacks),
+            whitebox_attacks=list(cfg.eval_whitebox_attacks), pool=report_lib.pool_names(cfg.mid.pool),
+            regenerator=build_regenerator(models.student_encoder, models.decoder),
+            slow_examples=cfg.eval_slow_examples, seed=cfg.seed, eps_sweep=cfg.eval_eps_sweep,
+            dataset=cfg.data.dataset, config=cfg.to_json(), progress=bool(cfg.verbose) or cfg.eval_helper,
+            grid_attacks=tuple(report_lib.base_name(a) for a in cfg.eval_attacks[:3]),
+            memo=ReportMemo(os.path.join(cfg.model_dir, "eval", "memo.json")),  # a killed evaluation resumes
+            wait_for_others=not cfg.eval_helper)
+        finished = True
+    finally:
+        if helpers:
+            from mid_tf.evaluation.workers import stop_helpers
+            helper_codes = stop_helpers(helpers, timeout=120 if finished else 0)
+            print(f"eval: helpers exited with {helper_codes}", flush=True)
+    if cfg.eval_helper:  # its pieces are in the memo; the main process writes the report
+        return {"helper": True, "left_to_others": report is None}
     paths = report_lib.write_report(report, os.path.join(cfg.model_dir, "eval"), grids)
     report_lib.log_tensorboard(report, os.path.join(cfg.model_dir, "logs", "eval"), grids)
     print(report_lib.format_console(report), flush=True)
     print("report: " + ", ".join(paths.values()), flush=True)
     return {"examples": report["examples"], "report": paths["md"], "sanity_flags": len(report["sanity"]),
             "models": ",".join(report["models"]), "clean": report["clean"], "transfer": report["transfer"],
-            "whitebox": report["whitebox"], "summary": report["summary"]}
+            "whitebox": report["whitebox"], "summary": report["summary"],
+            **({"helpers_exit": helper_codes} if helper_codes is not None else {})}
 
 
 _RUNNERS = {"target": _run_target, "teacher": _run_teacher, "pgd_at": _run_baseline("pgd_at"),
@@ -229,7 +248,8 @@ def run(cfg: RunConfig) -> dict:
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()},
         "config": cfg.to_json(),
     }
-    artifacts.write_json_atomic(os.path.join(cfg.model_dir, "summary.json"), summary)
+    if not cfg.eval_helper:  # a helper's partial view never replaces the main process's summary
+        artifacts.write_json_atomic(os.path.join(cfg.model_dir, "summary.json"), summary)
     return summary
 
 

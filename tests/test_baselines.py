@@ -37,10 +37,28 @@ def test_trades_adversary_maximises_the_kl_it_trains_on():
     x, _ = _data(16)
     x = tf.constant(x)
     clean = net(x)
-    adv = model._trades_adversary(x, clean, tf.constant([0, 1], tf.int64))
+    adv = model._trades_adversary(model._logits, x, clean, tf.constant([0, 1], tf.int64))
     assert float(tf.reduce_max(tf.abs(adv - x))) <= 0.3 + 1e-6
     noise = tf.clip_by_value(x + tf.random.uniform(x.shape, -0.3, 0.3, seed=3), 0, 1)
     assert float(tf.reduce_mean(_kl_rows(clean, net(adv)))) > 2 * float(tf.reduce_mean(_kl_rows(clean, net(noise))))
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades"])
+def test_eps_warmup_scales_the_attack_ball_then_reaches_full_eps(method):
+    keras.utils.set_random_seed(2)
+    net = build_models("mnist", width=0.25).pgd_at
+    model = AdversarialTraining(net, method, attack="pgd40:nb_iter=5,eps_iter=0.1", warmup_steps=10)
+    x, y = _data(16)
+    x, y, seed = tf.constant(x), tf.constant(y), tf.constant([0, 3], tf.int64)
+    assert [float(model.eps_fraction(tf.constant(t, tf.int64))) for t in (0, 4, 9, 50)] == pytest.approx(
+        [0.1, 0.5, 1.0, 1.0])
+    dist = {t: float(tf.reduce_max(tf.abs(model.adversary(x, y, tf.constant(t, tf.int64), seed) - x)))
+            for t in (0, 4, 9)}
+    assert 0.02 < dist[0] <= 0.03 + 1e-6 and 0.1 < dist[4] <= 0.15 + 1e-6 and 0.2 < dist[9] <= 0.3 + 1e-6, dist
+    full = AdversarialTraining(net, method, attack="pgd40:nb_iter=5,eps_iter=0.1")  # no warm-up
+    assert float(full.eps_fraction(tf.constant(0, tf.int64))) == 1.0
+    adv = full.adversary(x, y, tf.constant(0, tf.int64), seed)
+    assert float(tf.reduce_min(adv)) >= 0.0 and float(tf.reduce_max(adv)) <= 1.0
 
 
 def test_baseline_refuses_targeted_or_eager_inner_attacks():

@@ -1,5 +1,6 @@
 """The evaluation report: every registered attack, numbers that recompute, the schema, sanity flags."""
 
+import dataclasses
 import json
 import os
 
@@ -133,6 +134,20 @@ def test_eval_stage_writes_report_figures_and_tensorboard(tmp_path, mnist_data_d
         assert os.path.getsize(os.path.join(tmp_path, "eval", name)) > 100, name
     assert os.listdir(os.path.join(tmp_path, "logs", "eval"))
     assert summary["stages"]["eval"]["clean"]["mid"] == report["clean"]["mid"]
+    # --eval_workers=2: a helper process (the same configuration, --stages=eval) shares the new pieces.
+    more = dataclasses.replace(cfg, stages=("eval",), eval_workers=2,
+                               eval_whitebox_attacks=("fgsm", "bim40:nb_iter=3,eps_iter=0.1", quick))
+    summary2 = stages.run(more)
+    report2 = load_report(os.path.join(tmp_path, "eval", "report.json"))
+    assert set(report2["whitebox"]) == {"fgsm", "bim40", "pgd40"} and summary2["stages"]["eval"]["helpers_exit"] == [0]
+    assert all(v is not None for per in report2["whitebox"].values() for v in per.values())
+    assert report2["whitebox"]["fgsm"] == report["whitebox"]["fgsm"] and report2["clean"] == report["clean"]
+    with open(os.path.join(tmp_path, "eval", "helper-1.log")) as f:
+        log = f.read()
+    assert "white-box fgsm on mid, 64 images: done earlier (memo)" in log, log[-2000:]  # same fingerprints
+    assert "report:" not in log  # the helper never writes the report
+    with open(os.path.join(tmp_path, "summary.json")) as f:
+        assert "helper" not in json.load(f)["stages"]["eval"]  # the helper never writes the summary
 
 
 def test_killed_evaluation_resumes_from_the_memo_and_retrained_models_are_redone(tiny, tmp_path, monkeypatch):

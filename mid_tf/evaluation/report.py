@@ -175,11 +175,15 @@ def build_report(models: dict, x: np.ndarray, y: np.ndarray, *, attacks, whitebo
                  target: str = "target", regenerator=None, slow_examples: int = 1000, seed: int = 0,
                  eps_sweep=(0.1, 0.2, 0.3, 1.0), sweep_attack: str = "pgd40", dataset: str = "mnist",
                  config: dict | None = None, progress: bool = True, batch_size: int = 500, log=print,
-                 grid_attacks=(), grid_images: int = 8, memo: ReportMemo | None = None) -> tuple[dict, dict]:
+                 grid_attacks=(), grid_images: int = 8, memo: ReportMemo | None = None,
+                 poll_s: float = 10.0, wait_for_others: bool = True) -> tuple[dict | None, dict]:
     """(report, grids). `models`: name -> Keras model or logits fn, including `target` (the transfer
     source). `attacks`: transfer attacks; `whitebox_attacks` (default: the same). `regenerator`:
     x -> D_t(E_s(x)) for the regeneration metrics and the image grids (optional). `memo`: finished
-    pieces on disk (evaluation/memo.py), so that a killed evaluation resumes where it stopped."""
+    pieces on disk (evaluation/memo.py), so that a killed evaluation resumes where it stopped, and
+    several processes started with the same memo share the work (`poll_s`: how often a worker that
+    has finished its own pieces looks for the others'). With `wait_for_others=False` (a helper
+    worker) it returns (None, grids) as soon as every piece is done or held by another worker."""
     x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
     y = np.asarray(y).astype(np.int64)
     whitebox_attacks = list(attacks if whitebox_attacks is None else whitebox_attacks)
@@ -213,70 +217,141 @@ def build_report(models: dict, x: np.ndarray, y: np.ndarray, *, attacks, whitebo
                                            "spec": attack})
         return spec, key, n_for(spec)
 
-    for attack in attacks:
+    # The report is a list of pieces, each (memo key, label, compute() -> value, apply(value)): a
+    # piece found in the memo is applied, one claimed by another worker is awaited at the end.
+    pieces = []
+
+    def transfer_piece(attack):
         spec, key, n = describe(attack)
-        mkey = ReportMemo.key("transfer", attack, n, seed, target, fps, regen_fp, key in grid_attacks)
-        done = memo.get(mkey)
-        if done is not None:
-            if progress:
-                log(f"transfer {key} on {n} images: done earlier (memo)")
+        report["transfer"][key] = None
+
+        def compute():
+            adv = craft(attack, fns[target], x[:n], y[:n], batch_size=batch_size, seed=seed, progress=progress)
+            value = {"accuracy": {m: accuracy(f, adv, y[:n]) for m, f in fns.items()}, "regeneration": None,
+                     "grid": None}
+            if regen_fn is not None:
+                value["regeneration"] = _regeneration_quality(regen_fn, adv, x[:n])
+                if key in grid_attacks:
+                    k = min(grid_images, n)
+                    value["grid"] = np.stack([x[:k], adv[:k], np.clip(np.asarray(regen_fn(tf.constant(adv[:k]))),
+                                                                       0, 1)]).tolist()
+            return value
+
+        def apply(done):
             report["transfer"][key] = done["accuracy"]
             if done.get("regeneration"):
                 report["regeneration"][key] = done["regeneration"]
             if done.get("grid") is not None:
                 grids[key] = np.asarray(done["grid"], np.float32)
-            continue
-        if progress:
-            log(f"transfer {key} on {n} images (crafted on {target})")
-        adv = craft(attack, fns[target], x[:n], y[:n], batch_size=batch_size, seed=seed, progress=progress)
-        report["transfer"][key] = {m: accuracy(f, adv, y[:n]) for m, f in fns.items()}
-        if regen_fn is not None:
-            report["regeneration"][key] = _regeneration_quality(regen_fn, adv, x[:n])
-            if key in grid_attacks:
-                k = min(grid_images, n)
-                grids[key] = np.stack([x[:k], adv[:k], np.clip(np.asarray(regen_fn(tf.constant(adv[:k]))), 0, 1)])
-        memo.put(mkey, {"accuracy": report["transfer"][key], "regeneration": report["regeneration"].get(key),
-                        "grid": grids[key].tolist() if key in grids else None})
-    for attack in whitebox_attacks:
+
+        pieces.append((ReportMemo.key("transfer", attack, n, seed, target, fps, regen_fp, key in grid_attacks),
+                       f"transfer {key} on {n} images (crafted on {target})", compute, apply))
+
+    shared_with_transfer = []  # (key, target): white-box on the target = its transfer numbers
+
+    def whitebox_piece(attack, m, f):
         spec, key, n = describe(attack)
-        report["whitebox"][key] = {}
-        for m, f in fns.items():
-            if (m == target and key in report["transfer"] and report["attacks"][key]["examples"] == n
-                    and report["attacks"][key]["spec"] == attack):
-                report["whitebox"][key][m] = report["transfer"][key][m]  # same adversarials, same source
-                continue
-            mkey = ReportMemo.key("whitebox", attack, n, seed, m, fps[m], fps["data"])
-            done = memo.get(mkey)
-            if done is not None:
-                report["whitebox"][key][m] = done
-                continue
-            if progress:
-                log(f"white-box {key} on {m}, {n} images")
+        report["whitebox"].setdefault(key, {})[m] = None
+        if m == target and attack in attacks and base_name(attack) == key:
+            shared_with_transfer.append(key)  # same adversarials, same source
+            return
+
+        def compute():
             adv = craft(attack, f, x[:n], y[:n], batch_size=batch_size, seed=seed, progress=progress)
-            report["whitebox"][key][m] = accuracy(f, adv, y[:n])
-            memo.put(mkey, report["whitebox"][key][m])
-    for m, f in fns.items():
-        mkey = ReportMemo.key("checks", m, fps[m], fps["data"], seed, min(len(x), 1000), list(eps_sweep or ()), sweep_attack)
-        done = memo.get(mkey)
-        if done is not None:
+            return accuracy(f, adv, y[:n])
+
+        def apply(done):
+            report["whitebox"][key][m] = done
+
+        pieces.append((ReportMemo.key("whitebox", attack, n, seed, m, fps[m], fps["data"]),
+                       f"white-box {key} on {m}, {n} images", compute, apply))
+
+    def checks_piece(m, f):
+        n = min(len(x), 1000)
+        report["zero_gradient_fraction"][m] = None
+        if eps_sweep:
+            report["eps_sweep"][m] = None
+
+        def compute():
+            value = {"zero_gradient_fraction": zero_gradient_fraction(f, x[:n], y[:n]), "eps_sweep": None}
+            if eps_sweep:
+                value["eps_sweep"] = {}
+                for eps in eps_sweep:
+                    spec = get_spec(sweep_attack).replace(eps=float(eps), eps_iter=max(float(eps) / 10, 0.01))
+                    adv = craft(spec, f, x[:n], y[:n], batch_size=batch_size, seed=seed, progress=False)
+                    value["eps_sweep"][f"{float(eps):g}"] = accuracy(f, adv, y[:n])
+            return value
+
+        def apply(done):
             report["zero_gradient_fraction"][m] = done["zero_gradient_fraction"]
             if eps_sweep:
                 report["eps_sweep"][m] = done["eps_sweep"]
-            continue
-        report["zero_gradient_fraction"][m] = zero_gradient_fraction(f, x[:min(len(x), 1000)], y[:min(len(x), 1000)])
-        if eps_sweep:
-            report["eps_sweep"][m] = {}
-            for eps in eps_sweep:
-                spec = get_spec(sweep_attack).replace(eps=float(eps), eps_iter=max(float(eps) / 10, 0.01))
-                n = min(len(x), 1000)
-                adv = craft(spec, f, x[:n], y[:n], batch_size=batch_size, seed=seed, progress=False)
-                report["eps_sweep"][m][f"{float(eps):g}"] = accuracy(f, adv, y[:n])
-        memo.put(mkey, {"zero_gradient_fraction": report["zero_gradient_fraction"][m],
-                        "eps_sweep": report["eps_sweep"].get(m)})
+
+        pieces.append((ReportMemo.key("checks", m, fps[m], fps["data"], seed, n, list(eps_sweep or ()), sweep_attack),
+                       f"gradient and eps checks on {m}, {n} images", compute, apply))
+
+    for attack in attacks:
+        transfer_piece(attack)
+    for attack in whitebox_attacks:
+        for m, f in fns.items():
+            whitebox_piece(attack, m, f)
+    for m, f in fns.items():
+        checks_piece(m, f)
+    left = _run_pieces(pieces, memo, log if progress else (lambda *_: None), poll_s, wait_for_others)
+    if left:
+        log(f"{left} piece(s) left to the other workers")
+        return None, grids
+    for key in shared_with_transfer:
+        report["whitebox"][key][target] = report["transfer"][key][target]
     report["summary"] = {t: _summarise(report[t], report["clean"], report["attacks"], names)
                          for t in ("transfer", "whitebox")}
     report["sanity"] = sanity_flags(report)
     return report, grids
+
+
+def _run_pieces(pieces, memo: ReportMemo, log, poll_s: float, wait: bool = True) -> int:
+    """Apply every piece: from the memo, else crafted here if this worker can claim it; pieces that
+    another live worker holds are awaited (and taken over if it dies) unless `wait` is False.
+    Returns how many pieces are left to other workers (0 when waiting)."""
+    import time
+    pending = []
+    for key, label, compute, apply in pieces:
+        done = memo.get(key)
+        if done is not None:
+            log(f"{label}: done earlier (memo)")
+        elif memo.claim(key):
+            log(label)
+            try:
+                done = compute()
+                memo.put(key, done)
+            finally:
+                memo.release(key)
+        else:
+            done = memo.get(key)  # finished by another worker meanwhile, or still in its hands
+        if done is None:
+            log(f"{label}: another worker is on it")
+            pending.append((key, label, compute, apply))
+        else:
+            apply(done)
+    while pending and wait:
+        time.sleep(poll_s)
+        memo.refresh()
+        still = []
+        for key, label, compute, apply in pending:
+            done = memo.get(key)
+            if done is None and not memo.holder_alive(key) and memo.claim(key):
+                log(f"{label} (its worker stopped)")
+                try:
+                    done = compute()
+                    memo.put(key, done)
+                finally:
+                    memo.release(key)
+            if done is None:
+                still.append((key, label, compute, apply))
+            else:
+                apply(done)
+        pending = still
+    return len(pending)
 
 
 def _regeneration_quality(regen_fn, x_in, x_ref, batch_size: int = 500) -> dict:
