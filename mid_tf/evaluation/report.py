@@ -309,6 +309,17 @@ def build_report(models: dict, x: np.ndarray, y: np.ndarray, *, attacks, whitebo
     return report, grids
 
 
+def _compute_claimed(memo: ReportMemo, key, compute):
+    """Crafts a piece this worker has claimed, stores it, and always lets the claim go (a crash frees
+    the piece for the others at once instead of after the holder is seen dead)."""
+    try:
+        done = compute()
+        memo.put(key, done)
+    finally:
+        memo.release(key)
+    return done
+
+
 def _run_pieces(pieces, memo: ReportMemo, log, poll_s: float, wait: bool = True) -> int:
     """Apply every piece: from the memo, else crafted here if this worker can claim it; pieces that
     another live worker holds are awaited (and taken over if it dies) unless `wait` is False.
@@ -321,11 +332,7 @@ def _run_pieces(pieces, memo: ReportMemo, log, poll_s: float, wait: bool = True)
             log(f"{label}: done earlier (memo)")
         elif memo.claim(key):
             log(label)
-            try:
-                done = compute()
-                memo.put(key, done)
-            finally:
-                memo.release(key)
+            done = _compute_claimed(memo, key, compute)
         else:
             done = memo.get(key)  # finished by another worker meanwhile, or still in its hands
         if done is None:
@@ -341,11 +348,7 @@ def _run_pieces(pieces, memo: ReportMemo, log, poll_s: float, wait: bool = True)
             done = memo.get(key)
             if done is None and not memo.holder_alive(key) and memo.claim(key):
                 log(f"{label} (its worker stopped)")
-                try:
-                    done = compute()
-                    memo.put(key, done)
-                finally:
-                    memo.release(key)
+                done = _compute_claimed(memo, key, compute)
             if done is None:
                 still.append((key, label, compute, apply))
             else:
