@@ -21,8 +21,8 @@ QUICK = "pgd40:nb_iter=3,eps_iter=0.1"
 
 @pytest.fixture
 def sleeper():
-    """A live process standing for another worker."""
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    """A live process standing for another worker (killed by the test or at teardown; it must outlive a slow run)."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     yield p
     p.kill()
     p.wait()
