@@ -23,6 +23,7 @@ class FixedPool:
 
     def __init__(self, num_tasks=3, held_out=1):
         self.num_tasks, self.held_out, self.sources = num_tasks, held_out, []
+        self.num_meta_train = num_tasks - 1
 
     def craft_all(self, model_fn, x, y, step):
         self.sources.append(model_fn)
@@ -164,6 +165,34 @@ def test_whitebox_source_attacks_the_current_student():
     assert any(not np.allclose(a, b) for a, b in zip(w0, models.student_encoder.get_weights()))
 
 
+def test_whitebox_step_crafts_only_its_tasks_on_the_student():
+    """With k + 1 < T tasks per step the MID step crafts just those (AttackPool.craft_tasks), on the
+    current C(E_s(·)): the step's inputs are the rows of craft_all on the student, and they move when
+    the student's weights move; the frozen head stays bit-identical through the steps."""
+    keras.utils.set_random_seed(5)
+    models = build_models("mnist", width=0.25)
+    pool = AttackPool("clean,fgsm_rs,pgd3,pgd_l2_5", seed=1, num_meta_train=1, batched_runner=False)
+    mid = _mid(models, pool, attack_source="student", meta_order=1)
+    x = tf.random.uniform((16, 28, 28, 1))
+    y = tf.constant(np.arange(16) % 10)
+    prepare = tf.function(lambda a, b, s: mid._prepare(a, b, s))
+    for step in (0, 1, 2):
+        batch = prepare(x, y, tf.constant(step, tf.int64))
+        full = pool.craft_all(mid._attack_source(), x, y, step).numpy()
+        mt, ho = pool.sample(step)
+        np.testing.assert_allclose(batch["x_train"].numpy(), full[list(mt)].reshape(-1, 28, 28, 1), atol=1e-6)
+        np.testing.assert_allclose(batch["x_test"].numpy(), full[ho], atol=1e-6)
+    attacked = next(s for s in range(20) if pool.sample(s)[1] == 2)  # a step whose held-out task is pgd3
+    before = prepare(x, y, tf.constant(attacked, tf.int64))["x_test"].numpy()
+    head = [w.copy() for w in models.classifier.get_weights()]
+    mid.compile(optimizer=keras.optimizers.Adam(1e-2))
+    mid.fit(x.numpy(), y.numpy(), batch_size=8, epochs=2, verbose=0)
+    after = prepare(x, y, tf.constant(attacked, tf.int64))["x_test"].numpy()
+    assert np.abs(after - before).max() > 1e-3  # same seed, moved student: other adversarials
+    for a, b in zip(head, models.classifier.get_weights()):
+        np.testing.assert_array_equal(a, b)  # the teacher head C is never trained
+
+
 def _run_script(name, *args, timeout=420):
     proc = subprocess.run([sys.executable, os.path.join(HERE, name), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=os.path.dirname(HERE))
@@ -222,7 +251,7 @@ def test_flagfiles_parse():
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"STAGES {stages}" in proc.stdout, proc.stdout
         if "configs/mnist_whitebox.flags" in flagfiles:  # nested flagfile, then its overrides
-            assert "POOL clean,fgsm_rs,pgd3,pgd5,pgd_l2_5 SOURCE student BATCH 256 4" in proc.stdout, proc.stdout
+            assert "POOL clean,fgsm_rs,pgd5,pgd10,pgd_l2_5 SOURCE student BATCH 128 2" in proc.stdout, proc.stdout
         else:  # the MID stage's own batch size and meta-train count, the cache crafted while training
             assert "SOURCE target BATCH 128 2 OVERLAP True" in proc.stdout, proc.stdout
         # --*_precision=auto is resolved for this machine before the config is built

@@ -99,6 +99,21 @@ def test_pool_with_a_mixed_group(fn, batch):
     assert_same_attacks(tasks, ref)
 
 
+def test_craft_tasks_crafts_only_the_chosen_rows_of_craft_all(fn, batch):
+    """The MID step crafts only its k + 1 tasks (tf.switch_case): same tensors as craft_all's rows."""
+    x, y = batch[0][:16], batch[1][:16]
+    pool = AttackPool("clean,fgsm_rs,pgd5,pgd_l2_5,mim10", seed=3, num_meta_train=2, batched_runner=False)
+    full = pool.craft_all(fn, x, y, 7).numpy()
+    graph = tf.function(lambda a, b, s, i: pool.craft_tasks(fn, a, b, s, i))
+    for idx in ([0, 2, 4], [3, 1, 0], [4, 4, 2]):
+        got = graph(x, y, tf.constant(7, tf.int64), tf.constant(idx, tf.int32)).numpy()
+        assert got.shape == (3,) + x.shape
+        assert_same_attacks(got, full[idx])
+    np.testing.assert_array_equal(pool.craft_tasks(fn, x, y, 7, [0, 1])[0], x)  # eager, the clean row
+    other = graph(x, y, tf.constant(8, tf.int64), tf.constant([2, 2, 2], tf.int32)).numpy()
+    assert np.abs(other[0] - full[2]).max() > 1e-3  # the random start follows the step, as in craft_all
+
+
 def test_mirrored_strategy_matches_eager(tmp_path):
     weights = str(tmp_path / "target.weights.h5")
     F.tiny_target().save_weights(weights)

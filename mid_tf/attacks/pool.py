@@ -114,6 +114,31 @@ class AttackPool:
                 out[i] = adv
         return tf.stop_gradient(tf.stack(out, 0))
 
+    def craft_tasks(self, model_fn, x, y, step, indices, replica_id=None) -> tf.Tensor:
+        """Only the tasks listed in `indices` (int32 [n], static n, e.g. this step's meta-train tasks and
+        its held-out one): [n, B, H, W, C], row j equal to `craft_all(...)[indices[j]]` (same seeds).
+
+        Each row is a `tf.switch_case` over the pool, so only the chosen attacks run: with k meta-train
+        tasks out of T, a step crafts k + 1 tasks instead of T (the white-box pool, crafted on the
+        student every step, spends most of its time here). Attacks run one by one, not batched.
+        """
+        model_fn = as_model_fn(model_fn)
+        x = tf.convert_to_tensor(x, tf.float32)
+        if replica_id is None:
+            ctx = tf.distribute.get_replica_context()
+            replica_id = ctx.replica_id_in_sync_group if ctx is not None else 0
+        seeds = [self.task_seed(step, i, replica_id) for i in range(self.num_tasks)]
+
+        def branch(i):
+            if self.specs[i].method == "clean":
+                return lambda: tf.identity(x)
+            return lambda: tf.convert_to_tensor(self._fns[i](model_fn, x, y, seed=seeds[i]), tf.float32)
+
+        branches = [branch(i) for i in range(self.num_tasks)]
+        indices = tf.convert_to_tensor(indices, tf.int32)
+        rows = [tf.switch_case(indices[j], branches) for j in range(int(indices.shape[0]))]
+        return tf.stop_gradient(tf.stack(rows, 0))
+
     def split(self, tasks, step):
         """(x_meta_train [k, B, ...], x_held_out [B, ...], meta_train_idx, held_out) for this step."""
         mt, ho = self.sample_tf(step)

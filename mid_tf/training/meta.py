@@ -111,15 +111,22 @@ class MetaInvarianceDefense(keras.Model):
         `tasks` [T, B, H, W, C] may come precomputed (the attack cache of the transfer protocol);
         otherwise the pool crafts the clean batch and its attacks on the chosen source, here.
         """
-        if tasks is None:
-            tasks = self.pool.craft_all(self._attack_source(), x, y, step)
-        tasks = tf.stop_gradient(tasks)  # [T, B, H, W, C]: no gradient path into the attacks
         meta_train_idx, held_out = self.pool.sample_tf(step)
         k = tf.shape(meta_train_idx)[0]
+        if tasks is None and self.pool.num_meta_train + 1 < self.pool.num_tasks:
+            # Only this step's k + 1 tasks are crafted (the others would be thrown away): same tensors.
+            chosen = self.pool.craft_tasks(self._attack_source(), x, y, step,
+                                           tf.concat([meta_train_idx, held_out[None]], 0))
+            x_train_tasks, x_test = chosen[:-1], chosen[-1]
+        else:
+            if tasks is None:
+                tasks = self.pool.craft_all(self._attack_source(), x, y, step)
+            tasks = tf.stop_gradient(tasks)  # [T, B, H, W, C]: no gradient path into the attacks
+            x_train_tasks, x_test = tf.gather(tasks, meta_train_idx), tf.gather(tasks, held_out)
         # Σ_{s∈S} L(θ, s) = k · L(θ, concat(S)), since every term is a mean over its batch.
-        x_train = tf.reshape(tf.gather(tasks, meta_train_idx), tf.concat([[-1], tf.shape(x)[1:]], 0))
+        x_train = tf.reshape(x_train_tasks, tf.concat([[-1], tf.shape(x)[1:]], 0))
         f_t = tf.stop_gradient(self.teacher_encoder(x, training=False)["features"])
-        return dict(x_train=x_train, y_train=tf.tile(y, [k]), x_test=tf.gather(tasks, held_out), y=y, f_t=f_t,
+        return dict(x_train=x_train, y_train=tf.tile(y, [k]), x_test=x_test, y=y, f_t=f_t,
                     f_t_train=tf.tile(f_t, tf.concat([[k], tf.ones([tf.rank(f_t) - 1], tf.int32)], 0)),
                     k=tf.cast(k, x.dtype), held_out=held_out)
 
