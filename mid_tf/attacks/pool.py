@@ -84,6 +84,14 @@ class AttackPool:
         return fold(tf.constant([self.seed, _CRAFT_STREAM], tf.int64), tf.cast(step, tf.int64),
                     tf.cast(replica_id, tf.int64), task_index)
 
+    def _crafting_inputs(self, model_fn, x, step, replica_id):
+        """(images -> logits callable, float32 x, one seed per task) for this step and replica."""
+        if replica_id is None:
+            ctx = tf.distribute.get_replica_context()
+            replica_id = ctx.replica_id_in_sync_group if ctx is not None else 0
+        seeds = [self.task_seed(step, i, replica_id) for i in range(self.num_tasks)]
+        return as_model_fn(model_fn), tf.convert_to_tensor(x, tf.float32), seeds
+
     def craft_all(self, model_fn, x, y, step, replica_id=None) -> tf.Tensor:
         """All task inputs stacked: [num_tasks, B, H, W, C] (task order = `names`), no gradient path.
 
@@ -92,12 +100,7 @@ class AttackPool:
         batched loop (`batched.py`); otherwise the CleverHans functions run one after the other.
         Both give identical results.
         """
-        model_fn = as_model_fn(model_fn)
-        x = tf.convert_to_tensor(x, tf.float32)
-        if replica_id is None:
-            ctx = tf.distribute.get_replica_context()
-            replica_id = ctx.replica_id_in_sync_group if ctx is not None else 0
-        seeds = [self.task_seed(step, i, replica_id) for i in range(self.num_tasks)]
+        model_fn, x, seeds = self._crafting_inputs(model_fn, x, step, replica_id)
         out = [None] * self.num_tasks
         groups: dict = {}
         for i, spec in enumerate(self.specs):
@@ -122,12 +125,7 @@ class AttackPool:
         tasks out of T, a step crafts k + 1 tasks instead of T (the white-box pool, crafted on the
         student every step, spends most of its time here). Attacks run one by one, not batched.
         """
-        model_fn = as_model_fn(model_fn)
-        x = tf.convert_to_tensor(x, tf.float32)
-        if replica_id is None:
-            ctx = tf.distribute.get_replica_context()
-            replica_id = ctx.replica_id_in_sync_group if ctx is not None else 0
-        seeds = [self.task_seed(step, i, replica_id) for i in range(self.num_tasks)]
+        model_fn, x, seeds = self._crafting_inputs(model_fn, x, step, replica_id)
 
         def branch(i):
             if self.specs[i].method == "clean":
