@@ -86,6 +86,7 @@ class MIDStageConfig:
     attack_cache_epochs: int = 0         # transfer protocol: reuse crafted attacks for K epochs (0: craft every step)
     attack_cache_overlap: bool = True    # craft the cache in a background thread while training consumes it
     student_init: str = "random"         # random (official) | teacher (start E_s from E_t's weights)
+    eps_warmup_epochs: float = 0.0       # pool eps ramps linearly from 0 to full over these epochs (0: off)
     precision: str = "float32"           # float32 | mixed_bfloat16 (training only; see training/precision.py)
 
     def validate(self) -> None:
@@ -110,6 +111,8 @@ class MIDStageConfig:
             raise ConfigError(f"--student_init must be random or teacher, got {self.student_init}")
         if self.attack_cache_epochs < 0:
             raise ConfigError(f"--attack_cache_epochs must be >= 0, got {self.attack_cache_epochs}")
+        if self.eps_warmup_epochs < 0:
+            raise ConfigError(f"--mid_eps_warmup_epochs must be >= 0, got {self.eps_warmup_epochs}")
         if self.attack_cache_epochs and self.attack_source != "target":
             raise ConfigError("--attack_cache_epochs needs --attack_source=target: attacks on the student change "
                               "with every step and cannot be cached")

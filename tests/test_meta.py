@@ -246,12 +246,14 @@ def test_flagfiles_parse():
             "from absl import flags; flags.FLAGS(sys.argv); cfg = train.build_config(); cfg.validate(); "
             "print('STAGES', ','.join(cfg.stages), 'POOL', cfg.mid.pool, 'SOURCE', cfg.mid.attack_source, "
             "'BATCH', cfg.mid.batch_size, cfg.mid.num_meta_train, 'OVERLAP', cfg.mid.attack_cache_overlap, "
-            "'PRECISION', cfg.target.precision, cfg.teacher.precision, cfg.mid.precision)" % argv)],
+            "'PRECISION', cfg.target.precision, cfg.teacher.precision, cfg.mid.precision, "
+            "'WARMUP', cfg.mid.eps_warmup_epochs)" % argv)],
             cwd=repo, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"STAGES {stages}" in proc.stdout, proc.stdout
         if "configs/mnist_whitebox.flags" in flagfiles:  # nested flagfile, then its overrides
-            assert "POOL clean,fgsm_rs,pgd5,pgd10,pgd_l2_5 SOURCE student BATCH 128 2" in proc.stdout, proc.stdout
+            assert "POOL fgsm_rs,pgd3,pgd5,pgd10,pgd_l2_5 SOURCE student BATCH 128 2" in proc.stdout, proc.stdout
+            assert "WARMUP 1.0" in proc.stdout, proc.stdout
         else:  # the MID stage's own batch size and meta-train count, the cache crafted while training
             assert "SOURCE target BATCH 128 2 OVERLAP True" in proc.stdout, proc.stdout
         # --*_precision=auto is resolved for this machine before the config is built
@@ -387,3 +389,40 @@ def test_whitebox_validation_attacks_the_current_student():
     first = cb._whitebox["fgsm"](x, y).numpy()
     models.student_encoder.set_weights([w + 0.05 for w in models.student_encoder.get_weights()])
     assert np.abs(cb._whitebox["fgsm"](x, y).numpy() - first).max() > 0.1  # recrafted on the new weights
+
+
+@pytest.mark.parametrize("pool_names,k", [("clean,fgsm_rs,pgd3", 2), ("clean,fgsm_rs,pgd3,pgd_l2_5", 1)])
+def test_eps_warmup_shrinks_the_pool_then_leaves_it_unchanged(pool_names, k):
+    """--mid_eps_warmup_epochs: at step t every task lies within r·eps of x, r = (t + 1) / warmup steps,
+    through both crafting paths (craft_all, craft_tasks); once r = 1 the tasks equal the un-warmed ones."""
+    keras.utils.set_random_seed(6)
+    models = build_models("mnist", width=0.25)
+    pool = AttackPool(pool_names, seed=2, num_meta_train=k, batched_runner=False)
+    plain = _mid(models, pool, attack_source="student", meta_order=1)
+    warm = _mid(models, pool, attack_source="student", meta_order=1, eps_warmup_steps=4)
+    x = tf.random.uniform((16, 28, 28, 1))
+    y = tf.constant(np.arange(16) % 10)
+    np.testing.assert_allclose(float(warm.eps_fraction(tf.constant(0, tf.int64))), 0.25)
+    for step in range(6):
+        b_warm = warm._prepare(x, y, tf.constant(step, tf.int64))
+        b_plain = plain._prepare(x, y, tf.constant(step, tf.int64))
+        r = min(1.0, (step + 1) / 4)
+        mt, ho = pool.sample(step)
+        rows_warm = [*tf.split(b_warm["x_train"], k), b_warm["x_test"]]
+        rows_plain = [*tf.split(b_plain["x_train"], k), b_plain["x_test"]]
+        for task, a, b in zip([*mt, ho], rows_warm, rows_plain):
+            name = pool.names[task]
+            d_warm, d_plain = float(tf.reduce_max(tf.abs(a - x))), float(tf.reduce_max(tf.abs(b - x)))
+            if name == "clean":
+                assert d_warm == d_plain == 0.0  # the clean task stays the clean batch
+            elif name != "pgd_l2_5":  # L-inf members (the L2 one is shrunk too, but bounded in L2)
+                assert d_warm <= r * 0.3 + 1e-5, (step, name, d_warm)
+                assert d_plain > 0.29, (step, name, d_plain)
+            if r == 1.0:
+                np.testing.assert_allclose(a, b, atol=1e-5)  # warm-up over: the same tasks
+            elif name != "clean":
+                l2_warm = float(tf.reduce_max(tf.norm(tf.reshape(a - x, [16, -1]), axis=1)))
+                l2_plain = float(tf.reduce_max(tf.norm(tf.reshape(b - x, [16, -1]), axis=1)))
+                assert l2_warm <= r * l2_plain * 1.5 + 1e-5 and l2_warm < l2_plain, (step, name)
+    with pytest.raises(ValueError, match="mid_eps_warmup_epochs"):
+        MetaConfig(eps_warmup_steps=-1).validate()

@@ -28,6 +28,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from mid_tf.attacks.pool import as_model_fn as pool_model_fn
 from mid_tf.training.losses import KL_REDUCTIONS, LossWeights, multi_consistency
 
 
@@ -42,6 +43,7 @@ class MetaConfig:
     kl_reduction: str = "elementwise_mean"   # official; "distribution_mean": true per-location KL (losses.py)
     attack_source: str = "target"        # target (paper's transfer protocol) | student (white-box)
     sync_inner_gradient: bool = True     # all-reduce the inner gradient across replicas
+    eps_warmup_steps: int = 0            # pool eps ramps from 0 to full over these optimizer steps (0: off)
 
     def validate(self) -> "MetaConfig":
         if self.meta_order not in (1, 2):
@@ -52,6 +54,8 @@ class MetaConfig:
             raise ValueError(f"--attack_source must be target or student, got {self.attack_source}")
         if self.kl_reduction not in KL_REDUCTIONS:
             raise ValueError(f"--kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction}")
+        if self.eps_warmup_steps < 0:
+            raise ValueError(f"--mid_eps_warmup_epochs must be >= 0, got {self.eps_warmup_steps} steps")
         self.train_weights.validate("--meta_train_weights")
         self.test_weights.validate("--meta_test_weights")
         return self
@@ -105,6 +109,15 @@ class MetaInvarianceDefense(keras.Model):
             return self.target
         return lambda x: self(x, training=False)  # white-box: the current C(E_s(·))
 
+    def eps_fraction(self, step):
+        """r of the pool's eps warm-up at optimizer step `step`: min(1, (step + 1) / eps_warmup_steps).
+
+        Every task then lies in the ball of radius r·eps around x: the attack runs on z ↦ model(x + r(z − x))
+        (its ball and steps scaled by r, as the baselines' warm-up) and the task is x + r(x~ − x). A student
+        from a random init attacked at full eps from step 0 learns slowly or not at all (PGD-AT stayed at
+        chance that way here, training/baselines.py); the clean task is unchanged."""
+        return tf.minimum(1.0, tf.cast(step + 1, tf.float32) / float(self.config.eps_warmup_steps))
+
     def _prepare(self, x, y, step, tasks=None):
         """Tasks for this step: meta-train batch (k tasks as one batch of k·B), held-out batch, f_t.
 
@@ -113,15 +126,24 @@ class MetaInvarianceDefense(keras.Model):
         """
         meta_train_idx, held_out = self.pool.sample_tf(step)
         k = tf.shape(meta_train_idx)[0]
+        source, shrink = self._attack_source(), (lambda t: t)
+        if self.config.eps_warmup_steps:  # eps warm-up: the attacks work in the ball of radius r·eps
+            r = tf.cast(self.eps_fraction(step), tf.float32)
+            x_ref = tf.cast(x, tf.float32)
+
+            def shrink(t):
+                return x_ref + r * (t - x_ref)
+
+            source = (lambda z, _s=pool_model_fn(source): _s(shrink(z)))
         if tasks is None and self.pool.num_meta_train + 1 < self.pool.num_tasks:
             # Only this step's k + 1 tasks are crafted (the others would be thrown away): same tensors.
-            chosen = self.pool.craft_tasks(self._attack_source(), x, y, step,
-                                           tf.concat([meta_train_idx, held_out[None]], 0))
+            chosen = shrink(self.pool.craft_tasks(source, x, y, step,
+                                                  tf.concat([meta_train_idx, held_out[None]], 0)))
             x_train_tasks, x_test = chosen[:-1], chosen[-1]
         else:
             if tasks is None:
-                tasks = self.pool.craft_all(self._attack_source(), x, y, step)
-            tasks = tf.stop_gradient(tasks)  # [T, B, H, W, C]: no gradient path into the attacks
+                tasks = self.pool.craft_all(source, x, y, step)
+            tasks = shrink(tf.stop_gradient(tasks))  # [T, B, H, W, C]: no gradient path into the attacks
             x_train_tasks, x_test = tf.gather(tasks, meta_train_idx), tf.gather(tasks, held_out)
         # Σ_{s∈S} L(θ, s) = k · L(θ, concat(S)), since every term is a mean over its batch.
         x_train = tf.reshape(x_train_tasks, tf.concat([[-1], tf.shape(x)[1:]], 0))

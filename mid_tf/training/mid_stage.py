@@ -19,18 +19,22 @@ from mid_tf.training.attack_cache import AttackCache, crafting_order
 from mid_tf.training.resumable import fit_resumable, latest_step
 
 
-def meta_config(cfg: MIDStageConfig) -> MetaConfig:
+def meta_config(cfg: MIDStageConfig, steps_per_epoch: int = 0) -> MetaConfig:
+    """The meta-learner's config; `steps_per_epoch` turns --mid_eps_warmup_epochs into optimizer steps."""
+    warmup = int(round(cfg.eps_warmup_epochs * steps_per_epoch))
+    if cfg.eps_warmup_epochs and not warmup:
+        raise ValueError("--mid_eps_warmup_epochs needs the steps per epoch (meta_config(cfg, steps_per_epoch))")
     return MetaConfig(alpha=cfg.alpha, beta=cfg.beta, meta_order=cfg.meta_order,
                       train_weights=LossWeights(*cfg.train_weights), test_weights=LossWeights(*cfg.test_weights),
                       softmax_axis=cfg.softmax_axis, kl_reduction=cfg.kl_reduction, attack_source=cfg.attack_source,
-                      sync_inner_gradient=cfg.sync_inner_gradient)
+                      sync_inner_gradient=cfg.sync_inner_gradient, eps_warmup_steps=warmup)
 
 
-def build_mid(models: MIDModels, cfg: MIDStageConfig, seed: int) -> MetaInvarianceDefense:
+def build_mid(models: MIDModels, cfg: MIDStageConfig, seed: int, steps_per_epoch: int = 0) -> MetaInvarianceDefense:
     pool = AttackPool(cfg.pool, seed=seed, num_meta_train=cfg.num_meta_train)
     return MetaInvarianceDefense(student_encoder=models.student_encoder, teacher_encoder=models.teacher_encoder,
                                  decoder=models.decoder, classifier=models.classifier, target=models.target,
-                                 pool=pool, config=meta_config(cfg), name="mid")
+                                 pool=pool, config=meta_config(cfg, steps_per_epoch), name="mid")
 
 
 def make_optimizer(cfg: MIDStageConfig, total_steps: int) -> keras.optimizers.Optimizer:
@@ -46,10 +50,10 @@ def train_mid(models: MIDModels, split: Split, cfg: MIDStageConfig, *, seed: int
     """Builds the meta-learner, compiles it, and fits resumably. Returns (mid model, resumed-from step)."""
     if cfg.student_init == "teacher":  # same architecture; a resumed run overwrites this from its checkpoint
         models.student_encoder.set_weights(models.teacher_encoder.get_weights())
-    mid = build_mid(models, cfg, seed)
     spe = steps_per_epoch(split, cfg.batch_size)
     if cfg.steps_per_epoch:
         spe = min(spe, cfg.steps_per_epoch)
+    mid = build_mid(models, cfg, seed, spe)
     mid.compile(optimizer=make_optimizer(cfg, cfg.epochs * spe))
     mid.optimizer.build(mid.student_encoder.trainable_variables)
     cbs = [keras.callbacks.TensorBoard(os.path.join(model_dir, "logs", "mid"), update_freq=cfg.log_every_steps)]
