@@ -26,7 +26,7 @@ import contextlib
 import keras
 import tensorflow as tf
 
-from mid_tf.attacks import cleverhans_compat, get_spec, make_attack
+from mid_tf.attacks import cleverhans_compat, get_spec, make_attack, warmup
 from mid_tf.attacks.cleverhans_compat import fold
 
 BASELINES = ("pgd_at", "trades")
@@ -66,10 +66,8 @@ class AdversarialTraining(keras.Model):
         return self.net(z, training=False)
 
     def eps_fraction(self, step):
-        """r of the eps warm-up at optimizer step `step` (1 without warm-up)."""
-        if self.warmup_steps <= 0:
-            return tf.constant(1.0)
-        return tf.minimum(1.0, tf.cast(step + 1, tf.float32) / float(self.warmup_steps))
+        """r of the eps warm-up at optimizer step `step` (1 without warm-up; attacks/warmup.py)."""
+        return warmup.eps_fraction(step, self.warmup_steps)
 
     def _trades_adversary(self, logits_fn, x, clean_logits, seed):
         from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
@@ -90,7 +88,7 @@ class AdversarialTraining(keras.Model):
         r = tf.cast(self.eps_fraction(step), x.dtype)
 
         def shrink(z):  # the network sees x + r (z - x): the attack's ball and steps scaled by r
-            return x + r * (z - x)
+            return warmup.shrink(x, z, r)
 
         def logits_fn(z):
             return self._logits(shrink(z))

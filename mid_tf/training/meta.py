@@ -28,6 +28,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from mid_tf.attacks import warmup
 from mid_tf.attacks.pool import as_model_fn as pool_model_fn
 from mid_tf.training.losses import KL_REDUCTIONS, LossWeights, multi_consistency
 
@@ -110,13 +111,10 @@ class MetaInvarianceDefense(keras.Model):
         return lambda x: self(x, training=False)  # white-box: the current C(E_s(·))
 
     def eps_fraction(self, step):
-        """r of the pool's eps warm-up at optimizer step `step`: min(1, (step + 1) / eps_warmup_steps).
-
-        Every task then lies in the ball of radius r·eps around x: the attack runs on z ↦ model(x + r(z − x))
-        (its ball and steps scaled by r, as the baselines' warm-up) and the task is x + r(x~ − x). A student
-        from a random init attacked at full eps from step 0 learns slowly or not at all (PGD-AT stayed at
-        chance that way here, training/baselines.py); the clean task is unchanged."""
-        return tf.minimum(1.0, tf.cast(step + 1, tf.float32) / float(self.config.eps_warmup_steps))
+        """r of the pool's eps warm-up at optimizer step `step` (attacks/warmup.py): every task lies in the
+        ball of radius r·eps around x, the attack run on z ↦ model(x + r(z − x)), as the baselines' warm-up.
+        The clean task is unchanged."""
+        return warmup.eps_fraction(step, self.config.eps_warmup_steps)
 
     def _prepare(self, x, y, step, tasks=None):
         """Tasks for this step: meta-train batch (k tasks as one batch of k·B), held-out batch, f_t.
@@ -132,7 +130,7 @@ class MetaInvarianceDefense(keras.Model):
             x_ref = tf.cast(x, tf.float32)
 
             def shrink(t):
-                return x_ref + r * (t - x_ref)
+                return warmup.shrink(x_ref, t, r)
 
             source = (lambda z, _s=pool_model_fn(source): _s(shrink(z)))
         if tasks is None and self.pool.num_meta_train + 1 < self.pool.num_tasks:
