@@ -60,6 +60,9 @@ flags.DEFINE_bool("attack_cache_overlap", True, "With --attack_cache_epochs: cra
                   "in the order training consumes it, so the meta steps start at once (the same cache either way).")
 flags.DEFINE_enum("student_init", "random", ["random", "teacher"],
                   "Initial weights of the student encoder: random (official) or a copy of the teacher encoder's.")
+flags.DEFINE_bool("train_head", False, "MID: also train the classifier head. The student gets its own copy C_s of "
+                  "the teacher head C (initialised from C, trained with E_s on the label-consistency term) and the "
+                  "deployed pipeline becomes C_s(E_s(.)); C itself stays frozen. Off: the paper's C(E_s(.)).")
 flags.DEFINE_float("mid_eps_warmup_epochs", 0.0, "MID: the pool's eps (and steps) ramp linearly from 0 to full over "
                    "this many epochs, attacks crafted in the shrunk ball (0: off, as the official code). For a "
                    "student attacked white-box from a random init; with the attack cache the cached tasks are "
@@ -183,7 +186,8 @@ def build_config():
             kl_reduction=FLAGS.kl_reduction,
             attack_source=FLAGS.attack_source, val_examples=FLAGS.val_examples,
             attack_cache_epochs=FLAGS.attack_cache_epochs, attack_cache_overlap=FLAGS.attack_cache_overlap,
-            student_init=FLAGS.student_init, eps_warmup_epochs=FLAGS.mid_eps_warmup_epochs,
+            student_init=FLAGS.student_init, train_head=FLAGS.train_head,
+            eps_warmup_epochs=FLAGS.mid_eps_warmup_epochs,
             precision=_precision("mid_precision"),
             val_attacks=_attacks(FLAGS.val_attacks), val_whitebox_attacks=_attacks(FLAGS.val_whitebox_attacks)),
         baseline=BaselineConfig(epochs=FLAGS.baseline_epochs, batch_size=FLAGS.batch_size,

@@ -17,13 +17,17 @@ import tempfile
 
 import keras
 
-from mid_tf.models import MIDModels, build_models
+from mid_tf.models import MIDModels, build_models, copy_teacher_head
+
+# Networks a completed stage may lack on disk (written by later versions): loading keeps their current
+# weights. A mid stage from before --train_head has no student_classifier: its head is the teacher's C.
+OPTIONAL_NETWORKS = {("mid", "student_classifier")}
 
 # Which networks each stage produces.
 STAGE_NETWORKS = {
     "target": ("target",),
     "teacher": ("teacher_encoder", "decoder", "classifier"),
-    "mid": ("student_encoder",),
+    "mid": ("student_encoder", "student_classifier"),
     "pgd_at": ("pgd_at",),
     "trades": ("trades",),
 }
@@ -100,7 +104,12 @@ def read_run_identity(model_dir: str) -> dict:
 def load_stage(model_dir: str, stage: str, models: MIDModels) -> dict:
     """Loads a completed stage's networks into `models`; returns its done.json metrics."""
     for net in STAGE_NETWORKS[stage]:
-        getattr(models, net).load_weights(weights_path(model_dir, stage, net))
+        path = weights_path(model_dir, stage, net)
+        if (stage, net) in OPTIONAL_NETWORKS and not os.path.isfile(path):
+            continue
+        getattr(models, net).load_weights(path)
+    if stage == "teacher":
+        copy_teacher_head(models)  # C_s starts as C; a completed mid stage loads its own afterwards
     return read_done(model_dir, stage)
 
 

@@ -86,6 +86,7 @@ class MIDStageConfig:
     attack_cache_epochs: int = 0         # transfer protocol: reuse crafted attacks for K epochs (0: craft every step)
     attack_cache_overlap: bool = True    # craft the cache in a background thread while training consumes it
     student_init: str = "random"         # random (official) | teacher (start E_s from E_t's weights)
+    train_head: bool = False             # also train a student copy C_s of the teacher head (deployed C_s(E_s(.)))
     eps_warmup_epochs: float = 0.0       # pool eps ramps linearly from 0 to full over these epochs (0: off)
     precision: str = "float32"           # float32 | mixed_bfloat16 (training only; see training/precision.py)
 

@@ -24,7 +24,7 @@ import mid_tf
 from mid_tf import artifacts
 from mid_tf.config import KNOWN_STAGES, ConfigError, RunConfig
 from mid_tf.data import eval_dataset, load_split
-from mid_tf.models import MIDModels, build_autoencoder, build_models, build_pipeline
+from mid_tf.models import MIDModels, build_autoencoder, build_models, build_pipeline, copy_teacher_head
 from mid_tf.training import distribute, metrics, precision, stage1
 
 # stage -> stages whose outputs it needs
@@ -79,6 +79,7 @@ def _run_teacher(ctx: Context) -> dict:
         twin = precision.mixed_twin(models, cfg.data.dataset, cfg.width, cfg.teacher.precision)
         resumed = stage1.train_teacher(twin, ctx.train_split, cfg.teacher, **ctx.fit_kwargs("teacher"))
         precision.copy_back(twin, models, ("teacher_encoder", "decoder", "classifier"))
+        copy_teacher_head(models)  # C_s := C (the deployed head unless --train_head trains C_s)
         result = {"epochs": cfg.teacher.epochs, "resumed_from_step": resumed, "precision": cfg.teacher.precision,
                   "train_examples": len(ctx.train_split), "train_time_s": round(time.time() - t0, 1)}
     teacher = build_autoencoder(models.teacher_encoder, models.decoder, models.classifier)
@@ -104,12 +105,13 @@ def _run_mid(ctx: Context) -> dict:
         _, resumed = mid_stage.train_mid(twin, ctx.train_split, cfg.mid, seed=cfg.seed, model_dir=cfg.model_dir,
                                          checkpoint_every=cfg.checkpoint_every, verbose=cfg.verbose,
                                          val_split=ctx.test_split)
-        precision.copy_back(twin, models, ("student_encoder",))
+        precision.copy_back(twin, models, ("student_encoder", "student_classifier"))
         result = {"epochs": cfg.mid.epochs, "resumed_from_step": resumed, "pool": cfg.mid.pool,
+                  "train_head": cfg.mid.train_head,
                   "attack_source": cfg.mid.attack_source, "meta_order": cfg.mid.meta_order,
                   "precision": cfg.mid.precision,
                   "train_examples": len(ctx.train_split), "train_time_s": round(time.time() - t0, 1)}
-    pipeline = build_pipeline(models.student_encoder, models.classifier)
+    pipeline = build_pipeline(models.student_encoder, models.student_classifier)
     result["clean_accuracy"] = metrics.accuracy(pipeline, ctx.test_ds)
     artifacts.mark_done(cfg.model_dir, "mid", models, result)
     return result
@@ -143,7 +145,8 @@ def _run_eval(ctx: Context) -> dict:
     from mid_tf.models import build_regenerator
 
     cfg, models = ctx.cfg, ctx.models
-    nets = {"target": models.target, "mid": build_pipeline(models.student_encoder, models.classifier, name="mid")}
+    nets = {"target": models.target,
+            "mid": build_pipeline(models.student_encoder, models.student_classifier, name="mid")}
     for baseline in ("pgd_at", "trades"):
         if artifacts.is_done(cfg.model_dir, baseline):
             if baseline not in cfg.stages:

@@ -35,10 +35,11 @@ class FixedPool:
         return tf.constant(idx, tf.int32), tf.constant(self.held_out, tf.int32)
 
 
-def _mid(models, pool, **cfg):
+def _mid(models, pool, train_head=False, **cfg):
     return MetaInvarianceDefense(student_encoder=models.student_encoder, teacher_encoder=models.teacher_encoder,
                                  decoder=models.decoder, classifier=models.classifier, target=models.target,
-                                 pool=pool, config=MetaConfig(**cfg))
+                                 pool=pool, config=MetaConfig(**cfg),
+                                 student_classifier=models.student_classifier if train_head else None)
 
 
 @pytest.fixture
@@ -76,6 +77,27 @@ def test_outer_gradient_is_the_exact_second_order_derivative(float64):
         fd = float(jp - jm) / (2 * eps)
         assert abs(_directional(g2, d) - fd) <= 1e-6 * abs(fd)
         assert abs(_directional(g1, d) - fd) > 1e-3 * abs(fd)  # the first-order approximation is not it
+
+
+def test_train_head_gradient_is_exact_for_encoder_and_head(float64):
+    """--train_head: θ = (E_s, C_s); the second-order gradient still matches a central difference of J,
+    in directions that move the encoder and the head together, and has non-zero head entries."""
+    models, x, y = _tiny_float64(7)
+    mid = _mid(models, FixedPool(), train_head=True, alpha=0.5, beta=1.0, meta_order=2)
+    theta = [v.value for v in mid.student_variables]
+    n_enc = len(models.student_encoder.trainable_variables)
+    assert len(theta) == n_enc + len(models.student_classifier.trainable_variables) > n_enc
+    g, *_ = mid.meta_gradients(x, y, 0)
+    assert all(float(tf.reduce_max(tf.abs(gi))) > 0 for gi in g[n_enc:])
+    rng = np.random.default_rng(1)
+    for head_only in (False, True):
+        d = [tf.constant(rng.standard_normal(t.shape)) * (1.0 if i >= n_enc or not head_only else 0.0)
+             for i, t in enumerate(theta)]
+        eps = 1e-6
+        jp = mid.meta_objective(x, y, 0, [t + eps * di for t, di in zip(theta, d)])
+        jm = mid.meta_objective(x, y, 0, [t - eps * di for t, di in zip(theta, d)])
+        fd = float(jp - jm) / (2 * eps)
+        assert abs(_directional(g, d) - fd) <= 1e-6 * abs(fd)
 
 
 def test_first_order_path_equals_the_taped_first_order_gradient(float64):
@@ -193,6 +215,43 @@ def test_whitebox_step_crafts_only_its_tasks_on_the_student():
         np.testing.assert_array_equal(a, b)  # the teacher head C is never trained
 
 
+@pytest.mark.parametrize("meta_order", [1, 2])
+def test_train_head_trains_the_student_head_and_never_the_teacher_head(meta_order):
+    """White-box MID with --train_head: the attacks are crafted on C_s(E_s(·)), the optimizer moves E_s
+    and C_s, and the teacher head C (and the rest of the teacher, and the target) stay bit-identical."""
+    keras.utils.set_random_seed(6)
+    models = build_models("mnist", width=0.25)
+    np.testing.assert_array_equal(models.student_classifier.get_weights()[0], models.classifier.get_weights()[0])
+    frozen = {n: [w.copy() for w in getattr(models, n).get_weights()]
+              for n in ("teacher_encoder", "decoder", "classifier", "target")}
+    head0 = [w.copy() for w in models.student_classifier.get_weights()]
+    enc0 = [w.copy() for w in models.student_encoder.get_weights()]
+    pool = AttackPool("fgsm_rs,pgd3,pgd_l2_5", seed=1, num_meta_train=1)
+    mid = _mid(models, pool, train_head=True, attack_source="student", meta_order=meta_order)
+    x = tf.random.uniform((16, 28, 28, 1))
+    y = tf.constant(np.arange(16) % 10)
+    mid.compile(optimizer=keras.optimizers.Adam(1e-2))
+    mid.fit(x.numpy(), y.numpy(), batch_size=8, epochs=2, verbose=0)
+    assert int(mid.optimizer.iterations.numpy()) == 4
+    for name, before in frozen.items():
+        for a, b in zip(before, getattr(models, name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    assert any(not np.allclose(a, b) for a, b in zip(head0, models.student_classifier.get_weights()))
+    assert any(not np.allclose(a, b) for a, b in zip(enc0, models.student_encoder.get_weights()))
+    deployed = models.student_classifier(models.student_encoder(x)["features"])
+    np.testing.assert_allclose(mid(x), deployed, atol=1e-5)  # the deployed pipeline is C_s(E_s(·))
+    np.testing.assert_allclose(mid._attack_source()(x), deployed, atol=1e-5)  # and the attacks target it
+    assert not np.allclose(mid(x), models.classifier(models.student_encoder(x)["features"]), atol=1e-4)
+
+
+def test_train_head_refuses_the_frozen_head_itself():
+    models = build_models("mnist", width=0.125)
+    with pytest.raises(ValueError, match="copy of the teacher head"):
+        MetaInvarianceDefense(student_encoder=models.student_encoder, teacher_encoder=models.teacher_encoder,
+                              decoder=models.decoder, classifier=models.classifier, target=models.target,
+                              pool=FixedPool(), student_classifier=models.classifier)
+
+
 def _run_script(name, *args, timeout=420):
     proc = subprocess.run([sys.executable, os.path.join(HERE, name), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=os.path.dirname(HERE))
@@ -238,7 +297,8 @@ def test_flagfiles_parse():
     repo = os.path.dirname(HERE)
     cases = {("configs/mnist.flags",): "target,teacher,mid,eval",
              ("configs/mnist.flags", "configs/mnist_eval.flags"): "target,teacher,pgd_at,trades,mid,eval",
-             ("configs/mnist_whitebox.flags",): "target,teacher,mid,eval"}
+             ("configs/mnist_whitebox.flags",): "target,teacher,mid,eval",
+             ("configs/mnist_whitebox_head.flags",): "target,teacher,mid,eval"}
     for flagfiles, stages in cases.items():
         argv = ", ".join(repr(f"--flagfile={f}") for f in flagfiles)
         proc = subprocess.run([sys.executable, "-c", (
@@ -247,13 +307,15 @@ def test_flagfiles_parse():
             "print('STAGES', ','.join(cfg.stages), 'POOL', cfg.mid.pool, 'SOURCE', cfg.mid.attack_source, "
             "'BATCH', cfg.mid.batch_size, cfg.mid.num_meta_train, 'OVERLAP', cfg.mid.attack_cache_overlap, "
             "'PRECISION', cfg.target.precision, cfg.teacher.precision, cfg.mid.precision, "
-            "'WARMUP', cfg.mid.eps_warmup_epochs)" % argv)],
+            "'WARMUP', cfg.mid.eps_warmup_epochs, 'HEAD', cfg.mid.train_head, 'DIR', cfg.model_dir)" % argv)],
             cwd=repo, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"STAGES {stages}" in proc.stdout, proc.stdout
-        if "configs/mnist_whitebox.flags" in flagfiles:  # nested flagfile, then its overrides
+        if "whitebox" in flagfiles[0]:  # nested flagfiles, then their overrides
             assert "POOL fgsm_rs,pgd3,pgd5,pgd10,pgd_l2_5 SOURCE student BATCH 128 2" in proc.stdout, proc.stdout
             assert "WARMUP 1.0" in proc.stdout, proc.stdout
+            head = "head" in flagfiles[0]
+            assert f"HEAD {head} DIR runs/mnist_whitebox{'_head' if head else ''}" in proc.stdout, proc.stdout
         else:  # the MID stage's own batch size and meta-train count, the cache crafted while training
             assert "SOURCE target BATCH 128 2 OVERLAP True" in proc.stdout, proc.stdout
         # --*_precision=auto is resolved for this machine before the config is built
@@ -369,6 +431,43 @@ def test_mid_stage_in_mixed_bfloat16_trains_a_twin_and_keeps_float32_outputs(tmp
     assert any(not np.array_equal(a, b) for a, b in zip(student, initial))  # the bf16 training reached it
     with pytest.raises(Exception, match="mid_precision"):
         MIDStageConfig(precision="float16").validate()
+
+
+def test_train_head_stage_saves_and_loads_the_student_head(tmp_path, mnist_data_dir):
+    """--train_head through the stages (white-box, bfloat16 twin): C_s is trained, copied back to float32,
+    saved with the mid stage and loaded into the deployed pipeline; the teacher head C stays the stage-1 one.
+    A mid stage saved without a head (before --train_head existed) loads with C_s = C."""
+    import os
+
+    from mid_tf import artifacts, stages
+    from mid_tf.config import DataConfig, MIDStageConfig, RunConfig, StageTrainConfig
+    from mid_tf.models import build_pipeline
+
+    cfg = RunConfig(model_dir=str(tmp_path / "run"), verbose=0, width=0.25, stages=("target", "teacher", "mid"),
+                    data=DataConfig(data_dir=mnist_data_dir, train_examples=256, eval_examples=100),
+                    target=StageTrainConfig(epochs=1, batch_size=64), teacher=StageTrainConfig(epochs=1, batch_size=64),
+                    mid=MIDStageConfig(epochs=1, batch_size=32, learning_rate=1e-2, val_examples=0, steps_per_epoch=3,
+                                       attack_source="student", attack_cache_epochs=0, train_head=True,
+                                       precision="mixed_bfloat16", num_meta_train=1, pool="fgsm_rs,pgd3,pgd_l2_5"))
+    summary = stages.run(cfg)
+    assert summary["stages"]["mid"]["train_head"] is True
+    models = artifacts.load_models(cfg.model_dir, ("target", "teacher", "mid"))
+    teacher = build_models("mnist", width=0.25)
+    artifacts.load_stage(cfg.model_dir, "teacher", teacher)
+    for a, b in zip(models.classifier.get_weights(), teacher.classifier.get_weights()):
+        np.testing.assert_array_equal(a, b)  # C as stage 1 left it
+    head = models.student_classifier.get_weights()
+    assert all(w.dtype == np.float32 for w in head)
+    assert any(not np.allclose(a, b) for a, b in zip(head, teacher.classifier.get_weights()))  # C_s trained
+    x = tf.random.uniform((4, 28, 28, 1))
+    pipeline = build_pipeline(models.student_encoder, models.student_classifier)
+    acc = float(np.mean(np.argmax(pipeline(x), -1) == np.argmax(models.student_classifier(
+        models.student_encoder(x)["features"]), -1)))
+    assert acc == 1.0
+    os.remove(artifacts.weights_path(cfg.model_dir, "mid", "student_classifier"))
+    old = artifacts.load_models(cfg.model_dir, ("target", "teacher", "mid"))
+    for a, b in zip(old.student_classifier.get_weights(), teacher.classifier.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_whitebox_validation_attacks_the_current_student():

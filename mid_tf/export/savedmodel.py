@@ -135,7 +135,7 @@ class MIDServingModule(tf.Module):
 
 def build_serving_module(models) -> MIDServingModule:
     """The deployed MID model: C(E_s(x)) for classification, D_t(E_s(x)) for regeneration."""
-    return MIDServingModule(build_pipeline(models.student_encoder, models.classifier, name="mid_pipeline"),
+    return MIDServingModule(build_pipeline(models.student_encoder, models.student_classifier, name="mid_pipeline"),
                             build_regenerator(models.student_encoder, models.decoder, name="mid_regenerator"),
                             models.input_shape, models.num_classes)
 
@@ -309,7 +309,7 @@ def verify_export(path: str, models, num_images: int = 8, seed: int = 0, timeout
     images = (rng.integers(0, 256, size=(num_images, *models.input_shape)) / 255.0).astype(np.float32)
     pngs = [warmup_lib.png_bytes(img) for img in images]
     offsets = np.cumsum([0] + [len(p) for p in pngs])
-    pipeline = build_pipeline(models.student_encoder, models.classifier)
+    pipeline = build_pipeline(models.student_encoder, models.student_classifier)
     regenerator = build_regenerator(models.student_encoder, models.decoder)
     # The reference runs the ops the export traced (stock kernels, see `export`): this checks what
     # serialization kept. The compiled kernels agree with them to float32 round-off (tests/test_fast_ops.py),

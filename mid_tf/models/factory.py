@@ -1,8 +1,9 @@
 """Builds every network MID needs for a dataset, and composes the deployed pipelines.
 
 `build_models(dataset)` returns an `MIDModels`: the undefended target, the teacher's encoder E_t,
-decoder D_t and classifier head C, and the student encoder E_s (E_t's architecture, its own random
-init as in the official code). Composition helpers:
+decoder D_t and classifier head C, the student encoder E_s (E_t's architecture, its own random
+init as in the official code) and the student head C_s (C's architecture, a copy of C's weights: it
+stays equal to C unless MID trains it, --train_head; the deployed pipeline is C_s(E_s(.))). Composition helpers:
   build_pipeline(E, C)        x -> C(E(x)) logits        (the deployed classifier when E = E_s)
   build_regenerator(E, D)     x -> D(E(x)) image         (robust regeneration when E = E_s)
   build_autoencoder(E, D, C)  x -> {logits, reconstruction}   (stage-1 teacher training)
@@ -33,6 +34,7 @@ class MIDModels:
     decoder: keras.Model
     classifier: keras.Model
     student_encoder: keras.Model
+    student_classifier: keras.Model
     input_shape: tuple
     num_classes: int
     # Adversarial-training baselines (stages pgd_at, trades): the target's architecture, own weights.
@@ -54,17 +56,26 @@ def build_models(dataset: str = "mnist", width: float = 1.0, student_width: floa
     """
     module, shape, classes = family_for(dataset)
     student_width = width if student_width is None else student_width
-    return MIDModels(
+    models = MIDModels(
         target=module.build_target(shape, classes, width=width, name="target"),
         teacher_encoder=module.build_encoder(shape, width=width, name="teacher_encoder"),
         decoder=module.build_decoder(shape, width=width, name="teacher_decoder"),
         classifier=module.build_classifier(shape, classes, width=width, name="teacher_classifier"),
         student_encoder=module.build_encoder(shape, width=student_width, name="student_encoder"),
+        student_classifier=module.build_classifier(shape, classes, width=width, name="student_classifier"),
         input_shape=shape,
         num_classes=classes,
         pgd_at=module.build_target(shape, classes, width=width, name="pgd_at"),
         trades=module.build_target(shape, classes, width=width, name="trades"),
     )
+    copy_teacher_head(models)
+    return models
+
+
+def copy_teacher_head(models: MIDModels) -> None:
+    """C_s := C. Called when C is built, trained or loaded: until MID trains C_s (--train_head) the
+    deployed C_s(E_s(.)) is the paper's C(E_s(.))."""
+    models.student_classifier.set_weights(models.classifier.get_weights())
 
 
 def encode(encoder: keras.Model, x, training: bool = False):

@@ -17,6 +17,9 @@ outer tape differentiates through the inner gradient (Hessian-vector products, n
 gradient is then computed without the outer tape (`_first_order_gradients`, same numbers, one backward
 pass less).
 Only E_s is trainable; E_t, D_t, C and the target are frozen by construction (`trainable=False`).
+With `student_classifier` (--train_head) θ also holds a student head C_s, initialised from C: the label
+term becomes CE(C_s(E_s(x~)), y), the deployed pipeline C_s(E_s(·)); C itself stays frozen (the feature
+and cyclic terms do not use a head).
 Under a distribution strategy each replica adapts on its shard; with `sync_inner_gradient` the
 inner gradient is all-reduced (mean) so θ' equals the single-device θ' of the global batch.
 """
@@ -66,13 +69,20 @@ class MetaInvarianceDefense(keras.Model):
     """Holds the frozen teacher (E_t, D_t, C), the target, the trainable student E_s and the pool."""
 
     def __init__(self, *, student_encoder, teacher_encoder, decoder, classifier, target, pool,
-                 config: MetaConfig = MetaConfig(), **kwargs):
+                 config: MetaConfig = MetaConfig(), student_classifier=None, **kwargs):
         super().__init__(**kwargs)
         self.config = config.validate()
         self.student_encoder = student_encoder
         self.teacher_encoder, self.decoder, self.classifier, self.target = teacher_encoder, decoder, classifier, target
         for frozen in (teacher_encoder, decoder, classifier, target):
             frozen.trainable = False
+        self.train_head = student_classifier is not None
+        if self.train_head:  # --train_head: C_s is trained with E_s (tracked, so checkpoints hold it)
+            if student_classifier is classifier:
+                raise ValueError("student_classifier must be a copy of the teacher head, not the frozen head itself")
+            self.student_classifier = student_classifier
+            student_classifier.trainable = True
+        self.head = student_classifier if self.train_head else classifier  # the deployed head
         self.pool = pool
         self.trackers = {name: keras.metrics.Mean(name=name) for name in (
             "loss", "L_train", "L_test", "train_lc", "train_ac", "train_cc", "test_lc", "test_ac", "test_cc")}
@@ -80,8 +90,14 @@ class MetaInvarianceDefense(keras.Model):
 
     # ----------------------------------------------------------------------------- inference
     def call(self, x, training=False):
-        """The deployed classifier: C(E_s(x)) logits."""
-        return self.classifier(self.student_encoder(x, training=training)["features"], training=False)
+        """The deployed classifier: C(E_s(x)) logits (C_s(E_s(x)) with --train_head)."""
+        return self.head(self.student_encoder(x, training=training)["features"], training=False)
+
+    @property
+    def student_variables(self) -> list:
+        """θ: E_s's trainable variables, then C_s's with --train_head. The optimizer updates exactly these."""
+        head = self.student_classifier.trainable_variables if self.train_head else []
+        return [*self.student_encoder.trainable_variables, *head]
 
     def regenerate(self, x):
         """Robust regeneration D_t(E_s(x)), with the student's pooling switches."""
@@ -98,9 +114,17 @@ class MetaInvarianceDefense(keras.Model):
         return self.student_encoder.stateless_call(params, non_trainable, x, training=True)
 
     def _loss(self, params, non_trainable, x_in, f_t, y, weights):
-        """L(params, x_in): the multi-consistency loss of the student at `params` on one input batch."""
-        out, non_trainable = self._student(params, non_trainable, x_in)
-        terms = multi_consistency(out, f_t, y, classifier=self.classifier, decoder=self.decoder,
+        """L(params, x_in): the multi-consistency loss of the student at `params` on one input batch.
+        `params` is θ as a list (student_variables' order): E_s's tensors, then C_s's with --train_head."""
+        n = len(self.student_encoder.trainable_variables)
+        out, non_trainable = self._student(params[:n], non_trainable, x_in)
+        classifier = self.classifier
+        if self.train_head:  # C_s run functionally at its entries of θ (θ' in the meta-test)
+            head_params, head_state = params[n:], [v.value for v in self.student_classifier.non_trainable_variables]
+
+            def classifier(f, training=False):
+                return self.student_classifier.stateless_call(head_params, head_state, f, training=training)[0]
+        terms = multi_consistency(out, f_t, y, classifier=classifier, decoder=self.decoder,
                                   teacher_encoder=self.teacher_encoder, weights=weights,
                                   softmax_axis=self.config.softmax_axis, kl_reduction=self.config.kl_reduction)
         return terms, non_trainable
@@ -174,7 +198,7 @@ class MetaInvarianceDefense(keras.Model):
 
     def meta_objective(self, x, y, step, theta=None):
         """J at `theta` (default: the current weights). For tests and diagnostics."""
-        theta = [v.value for v in self.student_encoder.trainable_variables] if theta is None else list(theta)
+        theta = [v.value for v in self.student_variables] if theta is None else list(theta)
         state = [v.value for v in self.student_encoder.non_trainable_variables]
         return self._meta_objective(theta, state, self._prepare(x, y, step))[0]
 
@@ -186,7 +210,7 @@ class MetaInvarianceDefense(keras.Model):
         if self.config.meta_order == 1:
             return (*self._first_order_gradients(batch, state, replicas), batch["held_out"])
         with tf.GradientTape() as outer:
-            theta = [v.value for v in self.student_encoder.trainable_variables]
+            theta = [v.value for v in self.student_variables]
             outer.watch(theta)
             total, logs, state_after = self._meta_objective(theta, state, batch)
             scaled = total / replicas  # inside the tape: the optimizer all-reduce-sums gradients
@@ -198,7 +222,7 @@ class MetaInvarianceDefense(keras.Model):
         ∇θ J = ∇θ L_train(θ) + β ∇θ' L_test(θ'): two tapes, each loss differentiated once (the outer
         tape of the second-order path would run the backward pass of L_train a second time)."""
         cfg = self.config
-        theta = [v.value for v in self.student_encoder.trainable_variables]
+        theta = [v.value for v in self.student_variables]
         with tf.GradientTape() as inner:
             inner.watch(theta)
             train_terms, state_after = self._loss(theta, state, batch["x_train"], batch["f_t_train"],
@@ -229,7 +253,7 @@ class MetaInvarianceDefense(keras.Model):
         else:
             (x, y), tasks = data, None
         grads, logs, state_after, held_out = self.meta_gradients(x, y, self.optimizer.iterations, tasks)
-        self.optimizer.apply(grads, self.student_encoder.trainable_variables)
+        self.optimizer.apply(grads, self.student_variables)
         for var, value in zip(self.student_encoder.non_trainable_variables, state_after):
             var.assign(value)  # BatchNorm moving statistics (ResNet family) from the θ pass
         for name, value in logs.items():

@@ -34,7 +34,8 @@ def build_mid(models: MIDModels, cfg: MIDStageConfig, seed: int, steps_per_epoch
     pool = AttackPool(cfg.pool, seed=seed, num_meta_train=cfg.num_meta_train)
     return MetaInvarianceDefense(student_encoder=models.student_encoder, teacher_encoder=models.teacher_encoder,
                                  decoder=models.decoder, classifier=models.classifier, target=models.target,
-                                 pool=pool, config=meta_config(cfg, steps_per_epoch), name="mid")
+                                 pool=pool, config=meta_config(cfg, steps_per_epoch), name="mid",
+                                 student_classifier=models.student_classifier if cfg.train_head else None)
 
 
 def make_optimizer(cfg: MIDStageConfig, total_steps: int) -> keras.optimizers.Optimizer:
@@ -55,7 +56,7 @@ def train_mid(models: MIDModels, split: Split, cfg: MIDStageConfig, *, seed: int
         spe = min(spe, cfg.steps_per_epoch)
     mid = build_mid(models, cfg, seed, spe)
     mid.compile(optimizer=make_optimizer(cfg, cfg.epochs * spe))
-    mid.optimizer.build(mid.student_encoder.trainable_variables)
+    mid.optimizer.build(mid.student_variables)
     cbs = [keras.callbacks.TensorBoard(os.path.join(model_dir, "logs", "mid"), update_freq=cfg.log_every_steps)]
     if val_split is not None and cfg.val_examples:
         n = min(cfg.val_examples, len(val_split))

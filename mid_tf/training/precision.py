@@ -87,7 +87,7 @@ def mixed_twin(models: MIDModels, dataset: str, width: float, precision: str) ->
         return models
     with dtype_policy(precision):
         twin = build_models(dataset, width=width)
-    for name in ("target", "teacher_encoder", "decoder", "classifier", "student_encoder"):
+    for name in ("target", "teacher_encoder", "decoder", "classifier", "student_encoder", "student_classifier"):
         getattr(twin, name).set_weights(getattr(models, name).get_weights())
     return twin
 
