@@ -224,6 +224,8 @@ def main(argv):
             import tensorflow as tf
             tf.config.experimental.enable_op_determinism()
         from mid_tf import stages
+        from mid_tf.models import xla_kernels
+        print(xla_kernels.describe(), flush=True)  # an invalid MID_TF_XLA_KERNELS fails here, before training
         summary = stages.run(cfg)
     except (DataError, ConfigError, ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

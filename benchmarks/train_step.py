@@ -25,6 +25,8 @@ Variants (each printed with img/s and its ratio to `graph`):
   mirrored  MirroredStrategy over 2 logical CPU devices, 128 images per replica
   stock     the graph step traced with TF's stock kernels (models/xla_kernels.stock_ops(): oneDNN
             MaxPool/MaxPoolGrad and 1-channel conv instead of the compiled ones), attacks timed too
+  compiled  the same with the compiled kernels forced on (xla_kernels.compiled_ops()). `graph` uses this
+            CPU's default (MID_TF_XLA_KERNELS=auto: compiled only without AVX-512), printed at the top
 For `graph` it splits the time into attack generation and meta update (each timed alone in its own
 tf.function) and prints achieved GFLOP/s against a float32 2048x2048 matmul measured in this run.
 
@@ -160,11 +162,13 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=3, help="timed iterations per variant (median)")
     p.add_argument("--attack_steps", type=int, default=40,
                    help="steps of each pool attack (40 = the official pool; fewer only for smoke tests)")
-    p.add_argument("--variants", default="graph,order1,batched,cache,eager,xla,bf16,bf16_order1,mirrored,stock")
+    p.add_argument("--variants",
+                   default="graph,order1,batched,cache,eager,xla,bf16,bf16_order1,mirrored,stock,compiled")
     p.add_argument("--official", action="store_true", help="also run the official PyTorch loop and print the ratio")
     a = p.parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-    unknown = set(variants) - {"graph", "order1", "batched", "cache", "eager", "xla", "bf16", "bf16_order1", "mirrored", "stock"}
+    unknown = set(variants) - {"graph", "order1", "batched", "cache", "eager", "xla", "bf16", "bf16_order1", "mirrored",
+                               "stock", "compiled"}
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}")
     if "graph" not in variants:
@@ -184,6 +188,8 @@ def main(argv=None):
 
     print(f"cpu: {cpu_model()}  cores: {os.cpu_count()}  tensorflow {tf.__version__}  keras {keras.__version__}  "
           f"batch {a.batch}  native bfloat16: {bf16_native}  weights: {a.model_dir or 'random init'}")
+    from mid_tf.models import xla_kernels
+    print(f"default kernels (graph row): {xla_kernels.describe()}")
     if a.data_dir:
         from mid_tf.data.datasets import load_split
         split = load_split("mnist", "train", a.data_dir, limit=a.batch)
@@ -215,7 +221,6 @@ def main(argv=None):
             tape.watch(z)
             loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, mid.target(z, training=False)))
         return tape.gradient(loss, z)
-    from mid_tf.models import xla_kernels
     with xla_kernels.stock_ops():  # same maths; the compiled kernels hide their ops inside function calls
         step_flops = graph_flops(tf.function(attack_step).get_concrete_function(tf.TensorSpec(x.shape, tf.float32)))
         meta_flops = graph_flops(tf.function(lambda: mid.train_step((x, y, tasks))).get_concrete_function())
@@ -241,6 +246,16 @@ def main(argv=None):
         ts = timeit(lambda: cs().numpy(), a.iters)
         row("stock", results["stock"], f"TF's stock kernels: attacks {ts:.3f} s ({attack_flops / ts / 1e9:.0f} GFLOP/s = "
             f"{attack_flops / ts / 1e9 / peak32:.0%} of peak), {ts / t_attack:.2f}x the compiled kernels' attack time")
+    if "compiled" in variants:
+        with xla_kernels.compiled_ops():
+            midc = build_mid(tf, keras, a.model_dir, 2, attack_steps=a.attack_steps)
+            fc = tf.function(lambda: midc.train_step((x, y)))
+            cc = tf.function(lambda: midc.pool.craft_all(midc.target, x, y, step))
+            fc.get_concrete_function(), cc.get_concrete_function()  # trace under the switch
+        results["compiled"] = timeit(lambda: fc()["loss"].numpy(), a.iters)
+        tc = timeit(lambda: cc().numpy(), a.iters)
+        row("compiled", results["compiled"], f"compiled kernels forced on: attacks {tc:.3f} s ({attack_flops / tc / 1e9:.0f} "
+            f"GFLOP/s = {attack_flops / tc / 1e9 / peak32:.0%} of peak), {tc / t_attack:.2f}x the default's attack time")
     if "order1" in variants:
         mid1 = build_mid(tf, keras, a.model_dir, 1, attack_steps=a.attack_steps)
         f1 = tf.function(lambda: mid1.train_step((x, y)))
@@ -318,7 +333,8 @@ def main(argv=None):
                      "batched": "float32, second order, attacks as one 4x batch",
                      "bf16": "mixed bfloat16, second order", "bf16_order1": "mixed bfloat16, first order",
                      "cache": "meta update only, attacks from the cache: not the same work",
-                     "stock": "float32, second order, TF's stock kernels (no compiled pooling/conv)"}
+                     "stock": "float32, second order, TF's stock kernels (no compiled pooling/conv)",
+                     "compiled": "float32, second order, compiled pooling/conv kernels forced on"}
             print(f"official: {off['median_total_s']:.3f} s/iter = {off['images_per_s']:.1f} img/s "
                   f"(attacks {off['median_attack_s']:.3f} s, meta {off['median_meta_s']:.3f} s)")
             ratios = {v: a.batch / results[v] / off["images_per_s"] for v in notes if v in results}

@@ -9,13 +9,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_train_step_benchmark_runs_its_variants():
     proc = subprocess.run([sys.executable, "benchmarks/train_step.py", "--batch", "8", "--iters", "1",
-                           "--attack_steps", "2", "--variants", "graph,order1,cache,bf16,stock"], cwd=REPO,
+                           "--attack_steps", "2", "--variants", "graph,order1,cache,bf16,stock,compiled"], cwd=REPO,
                           capture_output=True, text=True, timeout=600, env={**os.environ, "MID_DATA_DIR": ""})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "cpu:" in out and "float32 2048x2048 matmul" in out and "FLOPs per iteration" in out
     assert " x 2 x 4)" in out  # the attack FLOPs follow --attack_steps
-    for variant in ("graph", "order1", "cache", "stock"):
+    assert "default kernels (graph row): compiled CPU kernels" in out
+    for variant in ("graph", "order1", "cache", "stock", "compiled"):
         assert any(line.startswith(variant) for line in out.splitlines()), out
     assert any(line.startswith("bf16") for line in out.splitlines()), out  # a row or a 'skipped' line
 

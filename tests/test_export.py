@@ -53,7 +53,17 @@ def trained(tmp_path_factory):
 def exported(trained, tmp_path_factory):
     model_dir, models = trained
     base = str(tmp_path_factory.mktemp("exports") / "mid_mnist")
-    path = export_model(models, base, metadata={"source_model_dir": model_dir, "dataset": "mnist"})
+    # With the compiled training kernels on whatever this CPU's default (models/xla_kernels.py): the export
+    # must still trace the stock ones (test_served_graph_holds_standard_kernels_only).
+    previous = os.environ.get("MID_TF_XLA_KERNELS")
+    os.environ["MID_TF_XLA_KERNELS"] = "1"
+    try:
+        path = export_model(models, base, metadata={"source_model_dir": model_dir, "dataset": "mnist"})
+    finally:
+        if previous is None:
+            del os.environ["MID_TF_XLA_KERNELS"]
+        else:
+            os.environ["MID_TF_XLA_KERNELS"] = previous
     return base, path, models
 
 

@@ -11,6 +11,13 @@ from mid_tf.models import fast_conv, lenet, xla_kernels
 from mid_tf.models.pooling import MaxPooling2D, MaxPoolWithIndices, MaxUnpool, upsample2x
 
 
+@pytest.fixture(autouse=True)
+def compiled_kernels_on(monkeypatch):
+    """These tests compare the compiled kernels with the stock ops: force them on whatever this CPU's
+    `auto` choice is (tests/test_fast_ops.py::test_auto_setting... checks that choice)."""
+    monkeypatch.setenv(xla_kernels.ENV, "1")
+
+
 def _grads_two_orders(fn, x, variables):
     """(y, dL/dx, dL/dvars, d(|dL/dx|^2 + |dL/dvars|^2)/d(x, vars)) for L = sum(sin(fn(x)))."""
     with tf.GradientTape() as outer:
@@ -203,3 +210,18 @@ def test_compiled_unpool_matches_stock_to_second_order():
     np.testing.assert_array_equal(fast[0].numpy(), stock[0].numpy())  # the same products
     for got, want in zip(tf.nest.flatten(fast), tf.nest.flatten(stock)):
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+
+
+def test_auto_setting_uses_the_compiled_kernels_only_without_avx512(tmp_path, monkeypatch):
+    avx2, avx512 = tmp_path / "avx2", tmp_path / "avx512"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    avx512.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16\n")
+    assert xla_kernels.auto_choice(str(avx2))[0] is True
+    on, why = xla_kernels.auto_choice(str(avx512))
+    assert on is False and "AVX-512" in why
+    monkeypatch.setenv(xla_kernels.ENV, "auto")
+    assert xla_kernels.enabled() == xla_kernels.auto_choice()[0]  # this machine's own choice
+    assert ("on" if xla_kernels.enabled() else "off") in xla_kernels.describe()
+    monkeypatch.setenv(xla_kernels.ENV, "yes")
+    with pytest.raises(ValueError, match="auto .* 1 .* or 0"):
+        xla_kernels.enabled()

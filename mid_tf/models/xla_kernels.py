@@ -20,29 +20,83 @@ other's transpose; convolution: see fast_conv.py), so the second-order MID meta 
 them without a tape recording the compiled functions' full-resolution intermediates (that had made
 the exact meta update 1.4x slower).
 
-`stock_ops()` makes the layers trace TF's stock ops instead. The SavedModel export uses it: the
-served graph then holds only standard kernels (no `_XlaMustCompile` functions for TF Serving to
-JIT). `MID_TF_XLA_KERNELS=0` in the environment turns the kernels off everywhere, for debugging or
-for a platform whose XLA misbehaves.
+Where they pay off depends on the CPU, so by default (`MID_TF_XLA_KERNELS=auto`) they are used only
+where oneDNN lacks AVX-512 (`avx512f` not in /proc/cpuinfo). Measured: on the Zen 3 above they cut
+the PGD step as described; on an AVX-512 AMD EPYC (CPU family 26, AVX512_BF16) oneDNN's own pooling
+and convolution were faster: the official pool's attack loop at batch 256 ran at 56% of the float32
+matmul peak with the stock kernels against 51% with these (benchmarks/train_step.py, `stock` row).
+`MID_TF_XLA_KERNELS=1` forces them on, `0` off (debugging, or a platform whose XLA misbehaves).
+
+`stock_ops()` makes the layers trace TF's stock ops whatever the setting. The SavedModel export uses
+it: the served graph then holds only standard kernels (no `_XlaMustCompile` functions for TF Serving
+to JIT).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
 import keras
 import tensorflow as tf
 
+from mid_tf import hardware
+
 _state = threading.local()
+ENV = "MID_TF_XLA_KERNELS"
+SETTINGS = ("auto", "1", "0")
+
+
+def auto_choice(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool, str]:
+    """(use the compiled kernels, why) for `MID_TF_XLA_KERNELS=auto`: on unless the CPU has AVX-512."""
+    if "avx512f" in hardware.cpu_flags(cpuinfo):
+        return False, "the CPU has AVX-512: oneDNN's stock pooling and convolution measured faster there"
+    return True, "no AVX-512 on this CPU: the compiled pooling and 1-channel convolution measured faster"
+
+
+@functools.lru_cache(maxsize=None)
+def _auto() -> bool:
+    return auto_choice()[0]
+
+
+def setting() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower()
+    if value not in SETTINGS:
+        raise ValueError(f"{ENV}={value!r} is not a valid setting: use auto (the default: compiled kernels "
+                         "only on CPUs without AVX-512), 1 (always) or 0 (never)")
+    return value
 
 
 def enabled() -> bool:
     """True when layers should use these kernels (read at trace time)."""
-    if getattr(_state, "stock_depth", 0) > 0 or os.environ.get("MID_TF_XLA_KERNELS", "1") == "0":
+    if getattr(_state, "stock_depth", 0) > 0 or keras.backend.backend() != "tensorflow":
         return False
-    return keras.backend.backend() == "tensorflow"
+    if getattr(_state, "compiled_depth", 0) > 0:
+        return True
+    value = setting()
+    return value == "1" or (value == "auto" and _auto())
+
+
+def describe() -> str:
+    """One line for logs and benchmarks: which kernels layers trace here, and why."""
+    value = setting()
+    if value != "auto":
+        return f"compiled CPU kernels {'on' if value == '1' else 'off'} ({ENV}={value})"
+    on, why = auto_choice()
+    return f"compiled CPU kernels {'on' if on else 'off'} ({ENV}=auto: {why})"
+
+
+@contextlib.contextmanager
+def compiled_ops():
+    """Within this block, layers trace the compiled kernels whatever the setting (benchmarks compare both);
+    an enclosing or nested `stock_ops()` still wins."""
+    _state.compiled_depth = getattr(_state, "compiled_depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.compiled_depth -= 1
 
 
 @contextlib.contextmanager

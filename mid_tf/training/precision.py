@@ -26,22 +26,11 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from mid_tf.hardware import cpu_flags
 from mid_tf.models import MIDModels, build_models
 
 PRECISIONS = ("float32", "mixed_bfloat16")
 REQUESTABLE = ("auto", *PRECISIONS)   # what the --*_precision flags accept
-
-
-def cpu_flags(path: str = "/proc/cpuinfo") -> set:
-    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is unreadable)."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool, str]:
