@@ -298,7 +298,7 @@ def test_flagfiles_parse():
     cases = {("configs/mnist.flags",): "target,teacher,mid,eval",
              ("configs/mnist.flags", "configs/mnist_eval.flags"): "target,teacher,pgd_at,trades,mid,eval",
              ("configs/mnist_whitebox.flags",): "target,teacher,mid,eval",
-             ("configs/mnist_whitebox_head.flags",): "target,teacher,mid,eval"}
+             ("configs/mnist_whitebox_encoder.flags",): "target,teacher,mid,eval"}
     for flagfiles, stages in cases.items():
         argv = ", ".join(repr(f"--flagfile={f}") for f in flagfiles)
         proc = subprocess.run([sys.executable, "-c", (
@@ -312,10 +312,11 @@ def test_flagfiles_parse():
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"STAGES {stages}" in proc.stdout, proc.stdout
         if "whitebox" in flagfiles[0]:  # nested flagfiles, then their overrides
-            assert "POOL fgsm_rs,pgd3,pgd5,pgd10,pgd_l2_5 SOURCE student BATCH 128 2" in proc.stdout, proc.stdout
+            assert "POOL pgd5,pgd10,pgd20,pgd_l2_5 SOURCE student BATCH 128 2" in proc.stdout, proc.stdout
             assert "WARMUP 1.0" in proc.stdout, proc.stdout
-            head = "head" in flagfiles[0]
-            assert f"HEAD {head} DIR runs/mnist_whitebox{'_head' if head else ''}" in proc.stdout, proc.stdout
+            encoder_alone = "encoder" in flagfiles[0]  # --notrain_head overrides the nested flagfile's --train_head
+            assert (f"HEAD {not encoder_alone} DIR runs/mnist_whitebox{'_encoder' if encoder_alone else ''}"
+                    in proc.stdout), proc.stdout
         else:  # the MID stage's own batch size and meta-train count, the cache crafted while training
             assert "SOURCE target BATCH 128 2 OVERLAP True" in proc.stdout, proc.stdout
         # --*_precision=auto is resolved for this machine before the config is built

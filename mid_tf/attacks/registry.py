@@ -153,7 +153,7 @@ def parse_target(policy: str, name: str = "?") -> tuple[str, int | None]:
 
 
 # ---------------------------------------------------------------- default MNIST registry
-_NO_TARGETED_TWIN = ("pgd100x5", "pgd100x5_margin", "fgsm_rs", "pgd3", "pgd5", "pgd_l2_5")
+_NO_TARGETED_TWIN = ("pgd100x5", "pgd100x5_margin", "fgsm_rs", "pgd3", "pgd5", "pgd20", "pgd_l2_5")
 
 def _mnist_defaults() -> dict[str, AttackSpec]:
     S = AttackSpec
@@ -178,6 +178,8 @@ def _mnist_defaults() -> dict[str, AttackSpec]:
         S("fgsm_rs", "pgd", eps=0.3, eps_iter=0.3, nb_iter=1, rand_init=True),
         S("pgd3", "pgd", eps=0.3, eps_iter=0.1, nb_iter=3, rand_init=True),
         S("pgd5", "pgd", eps=0.3, eps_iter=0.075, nb_iter=5, rand_init=True),
+        # 20 steps of 0.025 (travel 0.5, past the ball's diameter): the white-box pool's strongest member
+        S("pgd20", "pgd", eps=0.3, eps_iter=0.025, nb_iter=20, rand_init=True),
         S("pgd_l2_5", "pgd", eps=2.0, norm=2, eps_iter=0.5, nb_iter=5, rand_init=True),
         S("cw_l2", "cw_l2", eps=None, norm=2),
         S("spsa", "spsa", eps=0.3, nb_iter=100),
