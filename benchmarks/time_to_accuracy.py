@@ -1,6 +1,7 @@
 """Wall time for `train.py` to reach given transfer accuracies, every stage included.
 
-    python benchmarks/time_to_accuracy.py --model_dir runs/tta [--official] -- --flagfile=configs/mnist.flags
+    python benchmarks/time_to_accuracy.py --model_dir=runs/tta [--official] [--xla_kernels=auto]
+        -- --flagfile=configs/mnist.flags
 
 Runs `train.py` with the flags after `--` in a fresh `--model_dir` (refused if it exists: completed
 stages would be skipped and the time would not be comparable), with per-epoch MID validation on the
@@ -13,20 +14,31 @@ from `<model_dir>/summary.json`.
 
 With `--official` it first times the official PyTorch loop on this machine
 (../shared/tools/official_mid_timing, see train_step.py) and prints what its 120 epochs x 235 steps
-take at that rate, and the ratio.
+take at that rate, and the ratio. `--xla_kernels`, when given, is passed on to train.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import FLAGS, REPO, define_xla_kernels_flag, fail, parse_flags, run_official  # noqa: E402
+
+flags.DEFINE_string("model_dir", None, "Fresh directory for the run.")
+flags.mark_flag_as_required("model_dir")
+flags.DEFINE_float("clean", 0.986, "Target clean accuracy.")
+flags.DEFINE_float("fgsm", 0.950, "Target transfer FGSM accuracy.")
+flags.DEFINE_float("pgd40", 0.980, "Target transfer PGD-40 accuracy.")
+flags.DEFINE_integer("val_examples", 10000, "Test images of the per-epoch validation.", lower_bound=1)
+flags.DEFINE_bool("official", False, "Also time the official loop and print the ratio.")
+define_xla_kernels_flag()
 
 
 def first_reached(records, targets: dict):
@@ -37,29 +49,21 @@ def first_reached(records, targets: dict):
     return None
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    ours, train_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", required=True, help="fresh directory for the run")
-    p.add_argument("--clean", type=float, default=0.986)
-    p.add_argument("--fgsm", type=float, default=0.950)
-    p.add_argument("--pgd40", type=float, default=0.980)
-    p.add_argument("--val_examples", type=int, default=10000)
-    p.add_argument("--official", action="store_true", help="also time the official loop and print the ratio")
-    a = p.parse_args(ours)
-    if os.path.exists(a.model_dir):
-        p.error(f"--model_dir {a.model_dir} exists; use a fresh one (completed stages would be skipped)")
-    targets = {"val_clean_accuracy": a.clean, "val_fgsm_accuracy": a.fgsm, "val_pgd40_accuracy": a.pgd40}
+def main(argv) -> int:
+    train_flags = argv[1:]  # everything after `--`: train.py's flags
+    if os.path.exists(FLAGS.model_dir):
+        return fail(f"--model_dir {FLAGS.model_dir} exists; use a fresh one (completed stages would be skipped)")
+    targets = {"val_clean_accuracy": FLAGS.clean, "val_fgsm_accuracy": FLAGS.fgsm, "val_pgd40_accuracy": FLAGS.pgd40}
 
     official = None
-    if a.official:
-        from train_step import run_official
+    if FLAGS.official:
         print("official loop (PyTorch harness, 2 threads, batch 256) ...", flush=True)
         official = run_official(256)
 
-    cmd = [sys.executable, "train.py", *train_flags, f"--model_dir={a.model_dir}",
-           f"--val_examples={a.val_examples}", "--val_attacks=fgsm,pgd40", "--verbose=2"]
+    cmd = [sys.executable, "train.py", *train_flags, f"--model_dir={FLAGS.model_dir}",
+           f"--val_examples={FLAGS.val_examples}", "--val_attacks=fgsm,pgd40", "--verbose=2"]
+    if FLAGS["xla_kernels"].present:
+        cmd.append(f"--xla_kernels={FLAGS.xla_kernels}")
     print("running:", " ".join(cmd), flush=True)
     t0 = time.time()
     rc = subprocess.run(cmd, cwd=REPO).returncode
@@ -67,10 +71,14 @@ def main(argv=None):
     if rc:
         print(f"train.py failed with status {rc}")
         return rc
+    return report(FLAGS.model_dir, targets, t0, wall, official)
 
-    path = os.path.join(a.model_dir, "logs", "mid", "validation.jsonl")
+
+def report(model_dir: str, targets: dict, t0: float, wall: float, official: dict | None) -> int:
+    """Prints the epochs, the first epoch reaching each target and all of them; 0 if all were reached."""
+    path = os.path.join(model_dir, "logs", "mid", "validation.jsonl")
     records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    summary = json.load(open(os.path.join(a.model_dir, "summary.json")))
+    summary = json.load(open(os.path.join(model_dir, "summary.json")))
     stages = {k: v.get("train_time_s") for k, v in summary.get("stages", {}).items() if isinstance(v, dict)}
     print(f"\nwhole run: {wall / 60:.1f} min; stage train times (min): "
           + ", ".join(f"{k} {v / 60:.1f}" for k, v in stages.items() if v))
@@ -93,4 +101,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main, flags_parser=parse_flags)

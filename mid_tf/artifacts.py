@@ -5,7 +5,7 @@
   <model_dir>/<stage>/<net>.weights.h5     final weights, written to a temp file and renamed
   <model_dir>/<stage>/done.json            written last: the stage is complete (and its metrics)
   <model_dir>/logs/<stage>/                TensorBoard event files
-  <model_dir>/summary.json                 the run summary (documented in the README)
+  <model_dir>/summary.json                 the run summary (documented in docs/training.md)
 A stage without `done.json` is incomplete: rerunning the same command resumes it from `ckpt/`.
 """
 

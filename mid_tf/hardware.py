@@ -1,5 +1,5 @@
 """What this machine's CPU offers, read from /proc/cpuinfo: the choices that depend on it (bfloat16
-training in training/precision.py, the compiled CPU kernels in models/xla_kernels.py) ask here."""
+training in training/precision.py, the compiled CPU kernels in kernels/xla.py) ask here."""
 
 from __future__ import annotations
 

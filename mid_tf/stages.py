@@ -7,7 +7,8 @@
   trades   baseline: the same architecture trained by TRADES (Zhang et al.)
   eval     robustness report: every model present, transfer and white-box attacks, known vs unknown
 A completed stage (`<model_dir>/<stage>/done.json`) is loaded, not retrained; an interrupted one
-resumes from its last step checkpoint. Further stages plug in through `register_stage`.
+resumes from its last step checkpoint. Every trained stage goes through one runner (`_run_stage`):
+load or train, score, mark done, freeze.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import os
 import platform
 import time
+from typing import Callable
 
 import keras
 import tensorflow as tf
@@ -26,11 +28,6 @@ from mid_tf.config import KNOWN_STAGES, ConfigError, RunConfig
 from mid_tf.data import eval_dataset, load_split
 from mid_tf.models import MIDModels, build_autoencoder, build_models, build_pipeline, copy_teacher_head
 from mid_tf.training import distribute, metrics, precision, stage1
-
-# stage -> stages whose outputs it needs
-_REQUIRES = {"target": (), "teacher": (), "pgd_at": (), "trades": (), "mid": ("target", "teacher"),
-             "eval": ("target", "teacher", "mid")}
-
 
 class Context:
     """What every stage sees: the config, the data, the networks."""
@@ -48,176 +45,130 @@ class Context:
                                            limit=d.train_examples)
         return self._train_split
 
-    def fit_kwargs(self, stage: str) -> dict:
+    @property
+    def fit_kwargs(self) -> dict:
         return dict(seed=self.cfg.seed, model_dir=self.cfg.model_dir, checkpoint_every=self.cfg.checkpoint_every,
                     verbose=self.cfg.verbose)
 
-
-def _run_target(ctx: Context) -> dict:
-    cfg, models = ctx.cfg, ctx.models
-    t0 = time.time()
-    if artifacts.is_done(cfg.model_dir, "target"):
-        result = artifacts.load_stage(cfg.model_dir, "target", models)
-    else:
-        twin = precision.mixed_twin(models, cfg.data.dataset, cfg.width, cfg.target.precision)
-        resumed = stage1.train_target(twin, ctx.train_split, cfg.target, **ctx.fit_kwargs("target"))
-        precision.copy_back(twin, models, ("target",))
-        result = {"epochs": cfg.target.epochs, "resumed_from_step": resumed, "precision": cfg.target.precision,
-                  "train_examples": len(ctx.train_split), "train_time_s": round(time.time() - t0, 1)}
-    result["clean_accuracy"] = metrics.accuracy(models.target, ctx.test_ds)
-    artifacts.mark_done(cfg.model_dir, "target", models, result)
-    stage1.freeze(models.target)
-    return result
+    def on_twin(self, stage: str, dtype: str, train) -> int:
+        """Runs `train(networks)` on a twin of the networks computing in `dtype` (the float32 networks
+        themselves for float32), then copies the stage's trained weights back; returns what `train` does."""
+        twin = precision.mixed_twin(self.models, self.cfg.data.dataset, self.cfg.width, dtype)
+        out = train(twin)
+        precision.copy_back(twin, self.models, artifacts.STAGE_NETWORKS[stage])
+        return out
 
 
-def _run_teacher(ctx: Context) -> dict:
-    cfg, models = ctx.cfg, ctx.models
-    t0 = time.time()
-    if artifacts.is_done(cfg.model_dir, "teacher"):
-        result = artifacts.load_stage(cfg.model_dir, "teacher", models)
-    else:
-        twin = precision.mixed_twin(models, cfg.data.dataset, cfg.width, cfg.teacher.precision)
-        resumed = stage1.train_teacher(twin, ctx.train_split, cfg.teacher, **ctx.fit_kwargs("teacher"))
-        precision.copy_back(twin, models, ("teacher_encoder", "decoder", "classifier"))
-        copy_teacher_head(models)  # C_s := C (the deployed head unless --train_head trains C_s)
-        result = {"epochs": cfg.teacher.epochs, "resumed_from_step": resumed, "precision": cfg.teacher.precision,
-                  "train_examples": len(ctx.train_split), "train_time_s": round(time.time() - t0, 1)}
-    teacher = build_autoencoder(models.teacher_encoder, models.decoder, models.classifier)
-    result["clean_accuracy"] = metrics.accuracy(lambda x: teacher(x)["logits"], ctx.test_ds)
-    rec = metrics.reconstruction_quality(lambda x: teacher(x)["reconstruction"], ctx.test_ds)
-    result.update({"reconstruction_psnr_db": rec["psnr_db"], "reconstruction_ssim": rec["ssim"],
-                   "reconstruction_mse": rec["mse"]})
-    artifacts.mark_done(cfg.model_dir, "teacher", models, result)
-    stage1.freeze(models.teacher_encoder, models.decoder, models.classifier)
-    return result
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One trained stage: `fit` trains it (returns its result), `score` measures it (trained or loaded)."""
+    fit: Callable[[Context], dict]
+    score: Callable[[Context], dict]
+    requires: tuple = ()
+    freeze: bool = True  # frozen once done (the networks later stages build on)
 
 
-def _run_mid(ctx: Context) -> dict:
+def _fit_target(ctx: Context) -> dict:
+    cfg = ctx.cfg
+    resumed = ctx.on_twin("target", cfg.target.precision,
+                          lambda nets: stage1.train_target(nets, ctx.train_split, cfg.target, **ctx.fit_kwargs))
+    return {"epochs": cfg.target.epochs, "resumed_from_step": resumed, "precision": cfg.target.precision}
+
+
+def _fit_teacher(ctx: Context) -> dict:
+    cfg = ctx.cfg
+    resumed = ctx.on_twin("teacher", cfg.teacher.precision,
+                          lambda nets: stage1.train_teacher(nets, ctx.train_split, cfg.teacher, **ctx.fit_kwargs))
+    copy_teacher_head(ctx.models)  # C_s := C (the deployed head unless --train_head trains C_s)
+    return {"epochs": cfg.teacher.epochs, "resumed_from_step": resumed, "precision": cfg.teacher.precision}
+
+
+def _fit_mid(ctx: Context) -> dict:
     from mid_tf.training import mid_stage
 
-    cfg, models = ctx.cfg, ctx.models
-    t0 = time.time()
-    if artifacts.is_done(cfg.model_dir, "mid"):
-        result = artifacts.load_stage(cfg.model_dir, "mid", models)
+    cfg, mid = ctx.cfg, ctx.cfg.mid
+    _, resumed = ctx.on_twin("mid", mid.precision, lambda nets: mid_stage.train_mid(
+        nets, ctx.train_split, mid, val_split=ctx.test_split, **ctx.fit_kwargs))
+    return {"epochs": mid.epochs, "resumed_from_step": resumed, "pool": mid.pool, "train_head": mid.train_head,
+            "attack_source": mid.attack_source, "meta_order": mid.meta_order, "precision": mid.precision}
+
+
+def _fit_baseline(method: str):
+    def fit(ctx: Context) -> dict:
+        from mid_tf.training import baselines
+
+        b = ctx.cfg.baseline
+        resumed = baselines.train_baseline(ctx.models, ctx.train_split, b, method, **ctx.fit_kwargs)
+        return {"epochs": b.epochs, "attack": b.attack, "resumed_from_step": resumed,
+                **({"trades_beta": b.trades_beta} if method == "trades" else {})}
+    return fit
+
+
+def _score_teacher(ctx: Context) -> dict:
+    m = ctx.models
+    teacher = build_autoencoder(m.teacher_encoder, m.decoder, m.classifier)
+    rec = metrics.reconstruction_quality(lambda x: teacher(x)["reconstruction"], ctx.test_ds)
+    return {"clean_accuracy": metrics.accuracy(lambda x: teacher(x)["logits"], ctx.test_ds),
+            "reconstruction_psnr_db": rec["psnr_db"], "reconstruction_ssim": rec["ssim"],
+            "reconstruction_mse": rec["mse"]}
+
+
+def _clean_accuracy(network):
+    return lambda ctx: {"clean_accuracy": metrics.accuracy(network(ctx.models), ctx.test_ds)}
+
+
+STAGES = {
+    "target": Stage(_fit_target, _clean_accuracy(lambda m: m.target)),
+    "teacher": Stage(_fit_teacher, _score_teacher),
+    "pgd_at": Stage(_fit_baseline("pgd_at"), _clean_accuracy(lambda m: m.pgd_at)),
+    "trades": Stage(_fit_baseline("trades"), _clean_accuracy(lambda m: m.trades)),
+    "mid": Stage(_fit_mid, _clean_accuracy(lambda m: build_pipeline(m.student_encoder, m.student_classifier)),
+                 requires=("target", "teacher"), freeze=False),
+}
+# The eval stage scores the others; it needs the models the report is about.
+EVAL_REQUIRES = ("target", "teacher", "mid")
+
+
+def _run_stage(ctx: Context, name: str) -> dict:
+    """Loads a completed stage, or trains it (resuming from its checkpoints); scores it; marks it done."""
+    if name == "eval":
+        from mid_tf.evaluation.stage import evaluate
+        return evaluate(ctx.cfg, ctx.models, ctx.test_split)
+    stage, model_dir, t0 = STAGES[name], ctx.cfg.model_dir, time.time()
+    if artifacts.is_done(model_dir, name):
+        result = artifacts.load_stage(model_dir, name, ctx.models)
     else:
-        # bfloat16 training runs on a twin of the networks; the float32 ones are saved and evaluated.
-        twin = precision.mixed_twin(models, cfg.data.dataset, cfg.width, cfg.mid.precision)
-        _, resumed = mid_stage.train_mid(twin, ctx.train_split, cfg.mid, seed=cfg.seed, model_dir=cfg.model_dir,
-                                         checkpoint_every=cfg.checkpoint_every, verbose=cfg.verbose,
-                                         val_split=ctx.test_split)
-        precision.copy_back(twin, models, ("student_encoder", "student_classifier"))
-        result = {"epochs": cfg.mid.epochs, "resumed_from_step": resumed, "pool": cfg.mid.pool,
-                  "train_head": cfg.mid.train_head,
-                  "attack_source": cfg.mid.attack_source, "meta_order": cfg.mid.meta_order,
-                  "precision": cfg.mid.precision,
-                  "train_examples": len(ctx.train_split), "train_time_s": round(time.time() - t0, 1)}
-    pipeline = build_pipeline(models.student_encoder, models.student_classifier)
-    result["clean_accuracy"] = metrics.accuracy(pipeline, ctx.test_ds)
-    artifacts.mark_done(cfg.model_dir, "mid", models, result)
+        result = {**stage.fit(ctx), "train_examples": len(ctx.train_split),
+                  "train_time_s": round(time.time() - t0, 1)}
+    result.update(stage.score(ctx))
+    artifacts.mark_done(model_dir, name, ctx.models, result)
+    if stage.freeze:
+        stage1.freeze(*(getattr(ctx.models, net) for net in artifacts.STAGE_NETWORKS[name]))
     return result
 
 
-def _run_baseline(method: str):
-    def run(ctx: Context) -> dict:
-        from mid_tf.training import baselines
-
-        cfg, models = ctx.cfg, ctx.models
-        t0 = time.time()
-        if artifacts.is_done(cfg.model_dir, method):
-            result = artifacts.load_stage(cfg.model_dir, method, models)
-        else:
-            resumed = baselines.train_baseline(models, ctx.train_split, cfg.baseline, method, **ctx.fit_kwargs(method))
-            result = {"epochs": cfg.baseline.epochs, "attack": cfg.baseline.attack, "resumed_from_step": resumed,
-                      "train_examples": len(ctx.train_split), "train_time_s": round(time.time() - t0, 1)}
-            if method == "trades":
-                result["trades_beta"] = cfg.baseline.trades_beta
-        result["clean_accuracy"] = metrics.accuracy(getattr(models, method), ctx.test_ds)
-        artifacts.mark_done(cfg.model_dir, method, models, result)
-        stage1.freeze(getattr(models, method))
-        return result
-    return run
-
-
-def _run_eval(ctx: Context) -> dict:
-    """The robustness report (evaluation/report.py) over every model this model_dir has."""
-    from mid_tf.evaluation import report as report_lib
-    from mid_tf.evaluation.memo import ReportMemo
-    from mid_tf.models import build_regenerator
-
-    cfg, models = ctx.cfg, ctx.models
-    nets = {"target": models.target,
-            "mid": build_pipeline(models.student_encoder, models.student_classifier, name="mid")}
-    for baseline in ("pgd_at", "trades"):
-        if artifacts.is_done(cfg.model_dir, baseline):
-            if baseline not in cfg.stages:
-                artifacts.load_stage(cfg.model_dir, baseline, models)
-            nets[baseline] = getattr(models, baseline)
-    helpers, helper_codes = [], None
-    if cfg.eval_workers > 1 and not cfg.eval_helper:
-        from mid_tf.evaluation.workers import start_helpers
-        helpers = start_helpers(cfg, cfg.eval_workers - 1)
-        print(f"eval: {len(helpers)} helper process(es) share the attacks (logs: "
-              f"{os.path.join(cfg.model_dir, 'eval', 'helper-*.log')})", flush=True)
-    finished = False
-    try:
-        report, grids = report_lib.build_report(
-            nets, ctx.test_split.images, ctx.test_split.labels, attacks=list(cfg.eval_attacks),
-            whitebox_attacks=list(cfg.eval_whitebox_attacks), pool=report_lib.pool_names(cfg.mid.pool),
-            regenerator=build_regenerator(models.student_encoder, models.decoder),
-            slow_examples=cfg.eval_slow_examples, seed=cfg.seed, eps_sweep=cfg.eval_eps_sweep,
-            dataset=cfg.data.dataset, config=cfg.to_json(), progress=bool(cfg.verbose) or cfg.eval_helper,
-            grid_attacks=tuple(report_lib.base_name(a) for a in cfg.eval_attacks[:3]),
-            memo=ReportMemo(os.path.join(cfg.model_dir, "eval", "memo.json")),  # a killed evaluation resumes
-            wait_for_others=not cfg.eval_helper)
-        finished = True
-    finally:
-        if helpers:
-            from mid_tf.evaluation.workers import stop_helpers
-            helper_codes = stop_helpers(helpers, timeout=120 if finished else 0)
-            print(f"eval: helpers exited with {helper_codes}", flush=True)
-    if cfg.eval_helper:  # its pieces are in the memo; the main process writes the report
-        return {"helper": True, "left_to_others": report is None}
-    paths = report_lib.write_report(report, os.path.join(cfg.model_dir, "eval"), grids)
-    report_lib.log_tensorboard(report, os.path.join(cfg.model_dir, "logs", "eval"), grids)
-    print(report_lib.format_console(report), flush=True)
-    print("report: " + ", ".join(paths.values()), flush=True)
-    return {"examples": report["examples"], "report": paths["md"], "sanity_flags": len(report["sanity"]),
-            "models": ",".join(report["models"]), "clean": report["clean"], "transfer": report["transfer"],
-            "whitebox": report["whitebox"], "summary": report["summary"],
-            **({"helpers_exit": helper_codes} if helper_codes is not None else {})}
-
-
-_RUNNERS = {"target": _run_target, "teacher": _run_teacher, "pgd_at": _run_baseline("pgd_at"),
-            "trades": _run_baseline("trades"), "mid": _run_mid, "eval": _run_eval}
-
-
-def register_stage(name: str, runner) -> None:
-    """Later stages (mid, eval, baselines) plug in here."""
-    _RUNNERS[name] = runner
+def _requires(stage: str) -> tuple:
+    return EVAL_REQUIRES if stage == "eval" else STAGES[stage].requires
 
 
 def _check_dependencies(cfg: RunConfig) -> None:
     for stage in cfg.stages:
-        if stage not in _RUNNERS:
-            raise ConfigError(f"stage '{stage}' is not available in this version of mid_tf; "
-                              f"available: {list(_RUNNERS)}")
-        for dep in _REQUIRES.get(stage, ()):
+        for dep in _requires(stage):
             if dep not in cfg.stages and not artifacts.is_done(cfg.model_dir, dep):
-                raise ConfigError(f"stage '{stage}' needs stage '{dep}', which has not completed in "
-                                  f"{cfg.model_dir}: add it to --stages (e.g. --stages={dep},{stage})")
+                raise ConfigError("stages", f"has '{stage}', which needs stage '{dep}', not completed in "
+                                  f"{cfg.model_dir}: add it (e.g. {dep},{stage})")
 
 
 def _run_stages(cfg: RunConfig, ctx: Context) -> dict:
     results = {}
-    ordered = [s for s in KNOWN_STAGES if s in cfg.stages] + [s for s in cfg.stages if s not in KNOWN_STAGES]
-    for stage in ordered:
+    for stage in (s for s in KNOWN_STAGES if s in cfg.stages):
         if cfg.verbose:
             print(f"== stage {stage} ==", flush=True)
         # Dependencies completed earlier are loaded so this stage can use them.
-        for dep in _REQUIRES.get(stage, ()):
+        for dep in _requires(stage):
             if dep not in results:
-                results[dep] = _RUNNERS[dep](ctx)
-        results[stage] = _RUNNERS[stage](ctx)
+                results[dep] = _run_stage(ctx, dep)
+        results[stage] = _run_stage(ctx, stage)
     return results
 
 

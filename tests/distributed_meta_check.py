@@ -25,14 +25,15 @@ POOL = "clean,fgsm,bim40:nb_iter=3,eps_iter=0.1,mim40_t0:nb_iter=3,eps_iter=0.1"
 def _build(seed=0):
     import keras
     from mid_tf.attacks.pool import AttackPool
+    from mid_tf.config import MIDStageConfig
     from mid_tf.models import build_models
-    from mid_tf.training.meta import MetaConfig, MetaInvarianceDefense
+    from mid_tf.training.meta import MetaInvarianceDefense
 
     keras.utils.set_random_seed(seed)
     m = build_models("mnist", width=0.25)
     mid = MetaInvarianceDefense(student_encoder=m.student_encoder, teacher_encoder=m.teacher_encoder,
                                 decoder=m.decoder, classifier=m.classifier, target=m.target,
-                                pool=AttackPool(POOL, seed=seed), config=MetaConfig(alpha=1e-2))
+                                pool=AttackPool(POOL, seed=seed), config=MIDStageConfig(alpha=1e-2))
     mid.compile(optimizer=keras.optimizers.Adam(1e-3))
     mid.optimizer.build(m.student_encoder.trainable_variables)
     return mid, m

@@ -7,8 +7,11 @@ import pytest
 import tensorflow as tf
 
 import attack_fixtures as F
-from mid_tf.attacks import cleverhans_compat, registry
-from mid_tf.attacks.registry import REGISTRY, AttackSpec, get_spec, make_attack, parse_attack_list
+from mid_tf.attacks import crafting
+from mid_tf.attacks.crafting import make_attack
+from mid_tf.attacks.registry import REGISTRY, AttackSpec, get_spec, parse_attack_list
+from mid_tf.attacks.seeds import fold
+from mid_tf.compat import cleverhans as cleverhans_compat
 
 GRAPH_SAFE = sorted(n for n, s in REGISTRY.items() if s.graph_safe and s.method != "clean")
 ITERATIVE_UNTARGETED = ["bim40", "pgd40", "mim40", "pgd_l2", "pgd100x5", "pgd100x5_margin"]
@@ -119,7 +122,7 @@ def test_graph_safe_attack_bounds_and_tf_function(name, fn, batch, clean_acc):
 def test_targeted_attacks_hit_target(name, fn, batch):
     x, y = batch
     spec = REGISTRY[name]
-    targets = registry.attack_labels(spec, fn, tf.constant(x), tf.constant(y), seed=3).numpy()
+    targets = crafting.attack_labels(spec, fn, tf.constant(x), tf.constant(y), seed=3).numpy()
     adv = make_attack(spec)(fn, x, y, seed=3).numpy()
     pred = np.argmax(fn(tf.constant(adv)).numpy(), -1)
     keep = targets != y
@@ -246,14 +249,13 @@ def test_art_seeded_runs_are_reproducible(fn, batch):
 
 
 def test_pgd_restarts_keep_the_strongest_start_per_image_and_margin_loss_attacks(fn, batch):
-    from mid_tf.attacks.cleverhans_compat import fold
     x, y = tf.constant(batch[0][:64]), tf.constant(batch[1][:64])
     spec = get_spec("pgd40:nb_iter=5,eps_iter=0.02,restarts=3")  # weak steps: the starts disagree
     best = make_attack(spec)(fn, x, y, seed=5)
     single = make_attack(get_spec("pgd40:nb_iter=5,eps_iter=0.02"))
-    margins = np.stack([registry.margin_loss(y, fn(single(fn, x, y, seed=fold(tf.constant(5, tf.int64), 1000 + r))))
+    margins = np.stack([crafting.margin_loss(y, fn(single(fn, x, y, seed=fold(tf.constant(5, tf.int64), 1000 + r))))
                         .numpy() for r in range(3)])
-    np.testing.assert_allclose(registry.margin_loss(y, fn(best)).numpy(), margins.max(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(crafting.margin_loss(y, fn(best)).numpy(), margins.max(0), rtol=1e-5, atol=1e-5)
     assert (margins.argmax(0) != 0).any()  # some images really took a later restart
     margin_adv = make_attack("pgd100x5_margin:nb_iter=10,eps_iter=0.05,restarts=1")(fn, x, y, seed=1)
     assert F.accuracy(fn, margin_adv.numpy(), y.numpy()) < 0.25 * F.accuracy(fn, x.numpy(), y.numpy())
@@ -261,3 +263,13 @@ def test_pgd_restarts_keep_the_strongest_start_per_image_and_margin_loss_attacks
                         ("pgd40:rand_init=False,restarts=2", "rand_init")):
         with pytest.raises(ValueError, match=needle):
             get_spec(bad)
+
+
+def test_attack_table_rows(fn, batch):
+    """`python -m mid_tf.attacks.table`'s evaluation: one row per spec, eager-only ones on the slow slice."""
+    from mid_tf.attacks import table
+    x, y = batch[0][:8], batch[1][:8]
+    rows = table.evaluate([get_spec("fgsm"), get_spec("cw_l2:max_iterations=2,binary_search_steps=1")], fn, x, y,
+                          slow_examples=2, log=lambda *_: None)
+    assert [(r[0], r[2]) for r in rows] == [("fgsm", 8), ("cw_l2:max_iterations=2,binary_search_steps=1", 2)]
+    assert rows[0][4] == pytest.approx(0.3, abs=1e-6)  # max L-inf of FGSM at eps 0.3

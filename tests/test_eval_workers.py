@@ -13,7 +13,8 @@ import pytest
 
 from mid_tf.config import BaselineConfig, MIDStageConfig, RunConfig
 from mid_tf.evaluation.memo import ReportMemo, _holder
-from mid_tf.evaluation.report import build_report
+from mid_tf.evaluation.report import ReportInput, build_report
+from mid_tf.evaluation.scheduler import helper_command
 
 POOL = ("clean", "pgd10", "pgd10_t0", "mim10", "mim10_t0")
 QUICK = "pgd40:nb_iter=3,eps_iter=0.1"
@@ -70,7 +71,8 @@ def two_models():
     return {"target": target, "other": other}, x[:32], y[:32]
 
 
-KW = dict(attacks=["fgsm"], whitebox_attacks=["fgsm", QUICK], pool=POOL, eps_sweep=(0.3,), progress=True)
+def _spec(models, x, y) -> ReportInput:
+    return ReportInput(models, x, y, attacks=["fgsm"], whitebox_attacks=["fgsm", QUICK], pool=POOL, eps_sweep=(0.3,))
 
 
 def _keys(path, kind, model):
@@ -81,7 +83,8 @@ def _keys(path, kind, model):
 def test_a_worker_awaits_pieces_another_holds_and_takes_over_when_it_dies(two_models, tmp_path, sleeper):
     models, x, y = two_models
     ref_path = str(tmp_path / "ref.json")
-    fresh, _ = build_report(models, x, y, memo=ReportMemo(ref_path), **{**KW, "progress": False})
+    spec = _spec(models, x, y)
+    fresh, _ = build_report(spec, memo=ReportMemo(ref_path), progress=False)
     held = _keys(ref_path, "whitebox", "other")
     assert set(held) == {"fgsm", QUICK}
     memo = ReportMemo(str(tmp_path / "memo.json"))
@@ -90,7 +93,7 @@ def test_a_worker_awaits_pieces_another_holds_and_takes_over_when_it_dies(two_mo
     lines, out = [], {}
 
     def worker():
-        out["report"], _ = build_report(models, x, y, memo=memo, poll_s=0.05, log=lines.append, **KW)
+        out["report"], _ = build_report(spec, memo=memo, poll_s=0.05, log=lines.append, progress=True)
 
     t = threading.Thread(target=worker)
     t.start()
@@ -116,11 +119,12 @@ def test_a_worker_awaits_pieces_another_holds_and_takes_over_when_it_dies(two_mo
 def test_a_helper_leaves_held_pieces_to_the_others(two_models, tmp_path, sleeper):
     models, x, y = two_models
     ref_path = str(tmp_path / "ref.json")
-    build_report(models, x, y, memo=ReportMemo(ref_path), **{**KW, "progress": False})
+    spec = _spec(models, x, y)
+    build_report(spec, memo=ReportMemo(ref_path), progress=False)
     key = _keys(ref_path, "whitebox", "other")[QUICK]
     memo = ReportMemo(str(tmp_path / "memo.json"))
     _hold(memo, key, sleeper.pid)
-    report, _ = build_report(models, x, y, memo=memo, wait_for_others=False, **{**KW, "progress": False})
+    report, _ = build_report(spec, memo=memo, wait=False, progress=False)
     assert report is None
     with open(ref_path) as f:
         assert set(ReportMemo(memo.path).entries) == set(json.load(f)) - {key}  # everything else is done
@@ -130,3 +134,18 @@ def test_helper_configuration_round_trips_through_json():
     cfg = RunConfig(model_dir="m", stages=("eval",), eval_attacks=("fgsm", QUICK), eval_workers=3,
                     mid=MIDStageConfig(pool="clean,fgsm"), baseline=BaselineConfig(eps_warmup_epochs=0.5))
     assert RunConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+
+
+def test_helpers_start_through_the_entry_point_which_refuses_a_main_configuration(tmp_path):
+    from mid_tf.kernels import xla
+    previous = xla.configure("off")
+    try:  # the helper traces the kernels its main process chose
+        assert helper_command("h.json") == [sys.executable, "-m", "mid_tf.cli.eval_helper", "--config=h.json",
+                                            "--xla_kernels=off"]
+    finally:
+        xla.configure(previous)
+    path = tmp_path / "helper-config.json"
+    path.write_text(json.dumps(RunConfig(model_dir=str(tmp_path), stages=("eval",)).to_json()))
+    done = subprocess.run(helper_command(str(path)), capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 2 and "not a helper configuration" in done.stderr, done.stderr[-2000:]

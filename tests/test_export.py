@@ -53,17 +53,14 @@ def trained(tmp_path_factory):
 def exported(trained, tmp_path_factory):
     model_dir, models = trained
     base = str(tmp_path_factory.mktemp("exports") / "mid_mnist")
-    # With the compiled training kernels on whatever this CPU's default (models/xla_kernels.py): the export
+    # With the compiled training kernels on whatever this CPU's default (kernels/xla.py): the export
     # must still trace the stock ones (test_served_graph_holds_standard_kernels_only).
-    previous = os.environ.get("MID_TF_XLA_KERNELS")
-    os.environ["MID_TF_XLA_KERNELS"] = "1"
+    from mid_tf.kernels import xla
+    previous = xla.configure("on")
     try:
         path = export_model(models, base, metadata={"source_model_dir": model_dir, "dataset": "mnist"})
     finally:
-        if previous is None:
-            del os.environ["MID_TF_XLA_KERNELS"]
-        else:
-            os.environ["MID_TF_XLA_KERNELS"] = previous
+        xla.configure(previous)
     return base, path, models
 
 
@@ -86,7 +83,7 @@ def test_signatures_have_stable_names_and_no_output_0(exported):
 
 
 def test_served_graph_holds_standard_kernels_only(exported):
-    """Training uses XLA-compiled pooling/conv kernels (models/xla_kernels.py); the export must not."""
+    """Training uses XLA-compiled pooling/conv kernels (kernels/xla.py); the export must not."""
     from tensorflow.core.protobuf import saved_model_pb2
     _, path, _ = exported
     sm = saved_model_pb2.SavedModel()

@@ -1,4 +1,4 @@
-"""The fast CPU ops (models/fast_conv.py, models/xla_kernels.py, pooling.upsample2x) compute what the stock Keras/TF ops compute:
+"""The fast CPU ops (kernels/fast_conv.py, kernels/xla.py, pooling.upsample2x) compute what the stock Keras/TF ops compute:
 values, first-order and second-order gradients (the exact MID meta step differentiates gradients),
 in float32 and under the mixed_bfloat16 policy; and checkpoints of the stock layers load into them."""
 
@@ -7,15 +7,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mid_tf.models import fast_conv, lenet, xla_kernels
+from mid_tf.kernels import fast_conv, xla
+from mid_tf.models import lenet
 from mid_tf.models.pooling import MaxPooling2D, MaxPoolWithIndices, MaxUnpool, upsample2x
 
 
 @pytest.fixture(autouse=True)
-def compiled_kernels_on(monkeypatch):
+def compiled_kernels_on():
     """These tests compare the compiled kernels with the stock ops: force them on whatever this CPU's
-    `auto` choice is (tests/test_fast_ops.py::test_auto_setting... checks that choice)."""
-    monkeypatch.setenv(xla_kernels.ENV, "1")
+    `auto` choice is (tests/test_fast_ops.py::test_auto_mode... checks that choice)."""
+    previous = xla.configure("on")
+    yield
+    xla.configure(previous)
 
 
 def _grads_two_orders(fn, x, variables):
@@ -111,7 +114,7 @@ def test_target_pool_then_relu_equals_stock_target_and_loads_its_checkpoint(tmp_
     ours = lenet.build_target()
     ours.load_weights(path)  # same checkpoint layout
     x = tf.random.stateless_uniform((16, 28, 28, 1), [7, 8])
-    with xla_kernels.stock_ops():  # pooling before relu is exact: same ops, same bits
+    with xla.stock_ops():  # pooling before relu is exact: same ops, same bits
         np.testing.assert_array_equal(ours(x).numpy(), stock(x).numpy())
     # The compiled 1-channel conv sums its 9 taps in another order: float32 round-off only.
     np.testing.assert_allclose(ours(x).numpy(), stock(x).numpy(), rtol=1e-5, atol=1e-6)
@@ -140,7 +143,7 @@ def test_compiled_max_pool_is_bit_identical_to_tf_with_ties(dtype):
             t.watch(x)
             y = pool(x)
         return y, t.gradient(y, x, output_gradients=dy)
-    got = value_and_grad(xla_kernels.max_pool_2x2)
+    got = value_and_grad(xla.max_pool_2x2)
     want = value_and_grad(lambda z: tf.nn.max_pool2d(z, 2, 2, "VALID"))
     assert got[0].dtype == dtype and got[1].dtype == dtype
     for g, w in zip(got, want):
@@ -177,7 +180,7 @@ def test_max_pool_with_indices_keeps_values_gradients_and_switches():
             loss = tf.reduce_sum(pooled * tf.range(1.0, 5.0))
         return pooled, switches, t.gradient(loss, x)
     fast = run()
-    with xla_kernels.stock_ops():
+    with xla.stock_ops():
         stock = run()
     for got, want in zip(fast, stock):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
@@ -188,16 +191,16 @@ def _op_types(fn, x):
     return {op.type for op in graph.get_operations()}
 
 
-def test_stock_ops_and_env_var_turn_the_compiled_kernels_off(monkeypatch):
+def test_stock_ops_and_mode_off_turn_the_compiled_kernels_off():
     model = lenet.build_target(width=0.25)
     x = tf.zeros((2, 28, 28, 1))
     compiled = _op_types(model, x)
     assert "MaxPool" not in compiled and {"PartitionedCall", "StatefulPartitionedCall"} & compiled
-    with xla_kernels.stock_ops():
+    with xla.stock_ops():
         stock = _op_types(model, x)
     assert "MaxPool" in stock and not {"PartitionedCall", "StatefulPartitionedCall"} & stock
-    monkeypatch.setenv("MID_TF_XLA_KERNELS", "0")
-    assert not xla_kernels.enabled() and _op_types(model, x) == stock
+    xla.configure("off")
+    assert not xla.enabled() and _op_types(model, x) == stock
 
 
 def test_compiled_unpool_matches_stock_to_second_order():
@@ -205,23 +208,34 @@ def test_compiled_unpool_matches_stock_to_second_order():
     switches = tf.cast(tf.random.stateless_uniform((2, 8, 10, 3), [14, 15]) > 0.6, tf.float32)
     layer = MaxUnpool()
     fast = _grads_two_orders(lambda z: layer(z, switches), x, [])
-    with xla_kernels.stock_ops():
+    with xla.stock_ops():
         stock = _grads_two_orders(lambda z: layer(z, switches), x, [])
     np.testing.assert_array_equal(fast[0].numpy(), stock[0].numpy())  # the same products
     for got, want in zip(tf.nest.flatten(fast), tf.nest.flatten(stock)):
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
 
 
-def test_auto_setting_uses_the_compiled_kernels_only_without_avx512(tmp_path, monkeypatch):
+def test_auto_mode_uses_the_compiled_kernels_only_without_avx512(tmp_path):
     avx2, avx512 = tmp_path / "avx2", tmp_path / "avx512"
     avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
     avx512.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16\n")
-    assert xla_kernels.auto_choice(str(avx2))[0] is True
-    on, why = xla_kernels.auto_choice(str(avx512))
+    assert xla.auto_choice(str(avx2))[0] is True
+    on, why = xla.auto_choice(str(avx512))
     assert on is False and "AVX-512" in why
-    monkeypatch.setenv(xla_kernels.ENV, "auto")
-    assert xla_kernels.enabled() == xla_kernels.auto_choice()[0]  # this machine's own choice
-    assert ("on" if xla_kernels.enabled() else "off") in xla_kernels.describe()
-    monkeypatch.setenv(xla_kernels.ENV, "yes")
-    with pytest.raises(ValueError, match="auto .* 1 .* or 0"):
-        xla_kernels.enabled()
+    assert xla.configure("auto") == "on"  # the previous mode (the fixture's)
+    assert xla.mode() == "auto"
+    assert xla.enabled() == xla.auto_choice()[0]  # this machine's own choice
+    assert ("on" if xla.enabled() else "off") in xla.describe()
+    with pytest.raises(ValueError, match="auto .* on .* or off"):
+        xla.configure("yes")
+    assert xla.mode() == "auto"  # a refused mode changes nothing
+    xla.configure("OFF")
+    assert not xla.enabled() and "off" in xla.describe()
+
+
+def test_the_kernel_choice_is_an_api_not_an_environment_variable():
+    """`kernels.xla.configure` is the only switch: no module of the library reads the old variable."""
+    import pathlib
+    root = pathlib.Path(xla.__file__).resolve().parents[1]
+    readers = [str(p.relative_to(root)) for p in root.rglob("*.py") if "MID_TF_XLA_KERNELS" in p.read_text()]
+    assert readers == []

@@ -11,21 +11,22 @@ from interrupt import Kill, KillAfter
 import tensorflow as tf
 
 from mid_tf.attacks.pool import AttackPool
+from mid_tf.config import ConfigError, MIDStageConfig
 from mid_tf.models import build_models
-from mid_tf.training.losses import LossWeights
-from mid_tf.training.meta import MetaConfig, MetaInvarianceDefense
+from mid_tf.training.meta import MetaInvarianceDefense, Tasks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class FixedPool:
-    """Deterministic stand-in tasks (smooth distortions of x) and a fixed held-out index."""
+class FixedPool(AttackPool):
+    """Deterministic stand-in tasks (smooth distortions of x) and a fixed held-out index; the rest
+    (`craft_step`: which rows, no warm-up) is the real pool's."""
 
     def __init__(self, num_tasks=3, held_out=1):
-        self.num_tasks, self.held_out, self.sources = num_tasks, held_out, []
-        self.num_meta_train = num_tasks - 1
+        super().__init__(("clean", "fgsm", "fgsm_rs", "pgd3")[:num_tasks], batched_runner=False)
+        self.held_out, self.sources = held_out, []
 
-    def craft_all(self, model_fn, x, y, step):
+    def craft_all(self, model_fn, x, y, step, replica_id=None):
         self.sources.append(model_fn)
         return tf.stack([x] + [tf.clip_by_value(x + 0.1 * (i + 1) * tf.sin(x * (i + 3)), 0, 1)
                                for i in range(self.num_tasks - 1)])
@@ -38,7 +39,7 @@ class FixedPool:
 def _mid(models, pool, train_head=False, **cfg):
     return MetaInvarianceDefense(student_encoder=models.student_encoder, teacher_encoder=models.teacher_encoder,
                                  decoder=models.decoder, classifier=models.classifier, target=models.target,
-                                 pool=pool, config=MetaConfig(**cfg),
+                                 pool=pool, config=MIDStageConfig(**cfg),
                                  student_classifier=models.student_classifier if train_head else None)
 
 
@@ -101,20 +102,35 @@ def test_train_head_gradient_is_exact_for_encoder_and_head(float64):
 
 
 def test_first_order_path_equals_the_taped_first_order_gradient(float64):
-    """meta_order=1 skips the outer tape; its gradient must equal d/dθ of the first-order objective."""
+    """meta_order=1 does not ask the outer tape; its gradient ∇θ L_train + β ∇θ' L_test must equal what the
+    second-order path computes (a tape over the whole objective J) once ∇θ L_train is stopped in θ'."""
     models, x, y = _tiny_float64(4)
     first = _mid(models, FixedPool(), alpha=0.5, beta=0.7, meta_order=1)
     g_fast, logs, *_ = first.meta_gradients(x, y, 0)
-    batch = first._prepare(x, y, 0)
+    tasks = first.sample_tasks(x, y, 0)
+    assert isinstance(tasks, Tasks) and int(tasks.held_out) == 1 and float(tasks.k) == 2
     state = [v.value for v in models.student_encoder.non_trainable_variables]
     theta = [v.value for v in models.student_encoder.trainable_variables]
-    with tf.GradientTape() as tape:
+    with tf.GradientTape() as tape:  # J of the first-order objective (θ' with a stopped inner gradient)
         tape.watch(theta)
-        total, _, _ = first._meta_objective(theta, state, batch)
+        total = first._meta_objective(theta, state, tasks)[1]["loss"]
     g_ref = tape.gradient(total, theta)
     for a, b in zip(g_fast, g_ref):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
     assert float(logs["loss"]) == pytest.approx(float(total), rel=1e-12)
+
+
+def test_both_orders_agree_without_an_inner_step(float64):
+    """α = 0: θ' = θ, the inner-gradient term vanishes, and the two gradient paths (outer tape; two tapes)
+    give the same ∇θ [L_train(θ) + β L_test(θ)]; with α > 0 they differ by that term."""
+    models, x, y = _tiny_float64(9)
+
+    def grads(alpha, order):
+        return _mid(models, FixedPool(), alpha=alpha, beta=0.7, meta_order=order).meta_gradients(x, y, 0)[0]
+
+    for a, b in zip(grads(0.0, 1), grads(0.0, 2)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
+    assert max(float(tf.reduce_max(tf.abs(a - b))) for a, b in zip(grads(0.5, 1), grads(0.5, 2))) > 1e-6
 
 
 def test_held_out_task_is_the_one_used_in_meta_test():
@@ -122,20 +138,21 @@ def test_held_out_task_is_the_one_used_in_meta_test():
     models = build_models("mnist", width=0.25)
     x, y = tf.random.uniform((8, 28, 28, 1)), tf.constant(np.arange(8) % 10)
     pool = FixedPool(num_tasks=4, held_out=2)
-    mid = _mid(models, pool, alpha=1e-3, test_weights=LossWeights(1.0, 1.0, 1.0))
+    mid = _mid(models, pool, alpha=1e-3, test_weights=(1.0, 1.0, 1.0))
     _, logs, _, held = mid.meta_gradients(x, y, 0)
     assert int(held) == 2
     # Recompute L_test by hand at θ' on each candidate task: only task 2 matches.
-    batch = mid._prepare(x, y, 0)
+    batch = mid.sample_tasks(x, y, 0)
     tasks = pool.craft_all(None, x, y, 0)
+    np.testing.assert_array_equal(batch.x_test, tasks[2])
+    np.testing.assert_array_equal(batch.x_train, tf.reshape(tf.gather(tasks, [0, 1, 3]), [-1, 28, 28, 1]))
     theta = [v.value for v in models.student_encoder.trainable_variables]
     with tf.GradientTape() as tape:
         tape.watch(theta)
-        terms, _ = mid._loss(theta, [], batch["x_train"], batch["f_t_train"], batch["y_train"],
-                             mid.config.train_weights)
-        L_train = batch["k"] * terms["total"]
+        terms, _ = mid._loss(theta, [], batch.x_train, batch.f_t_train, batch.y_train, mid.train_weights)
+        L_train = batch.k * terms["total"]
     theta_p = [w - 1e-3 * g for w, g in zip(theta, tape.gradient(L_train, theta))]
-    by_task = [float(mid._loss(theta_p, [], tasks[t], batch["f_t"], y, mid.config.test_weights)[0]["total"])
+    by_task = [float(mid._loss(theta_p, [], tasks[t], batch.f_t, y, mid.test_weights)[0]["total"])
                for t in range(4)]
     np.testing.assert_allclose(float(logs["L_test"]), by_task[2], rtol=1e-5)
     assert all(abs(by_task[t] - by_task[2]) > 1e-6 for t in (0, 1, 3))
@@ -159,6 +176,7 @@ def test_teacher_and_target_stay_bit_identical_while_the_student_moves():
     hist = mid.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert int(mid.optimizer.iterations.numpy()) == 4
     assert np.isfinite(hist.history["loss"][-1])
+    assert hist.history["held_out"][-1] == mid.pool.sample(3)[1]  # the last step's held-out task
     assert mid.trainable_variables and all(
         any(v is s for s in models.student_encoder.trainable_variables) for v in mid.trainable_variables)
     for name, before in frozen.items():
@@ -197,19 +215,20 @@ def test_whitebox_step_crafts_only_its_tasks_on_the_student():
     mid = _mid(models, pool, attack_source="student", meta_order=1)
     x = tf.random.uniform((16, 28, 28, 1))
     y = tf.constant(np.arange(16) % 10)
-    prepare = tf.function(lambda a, b, s: mid._prepare(a, b, s))
+    prepare = tf.function(lambda a, b, s: mid.sample_tasks(a, b, s))
     for step in (0, 1, 2):
         batch = prepare(x, y, tf.constant(step, tf.int64))
         full = pool.craft_all(mid._attack_source(), x, y, step).numpy()
         mt, ho = pool.sample(step)
-        np.testing.assert_allclose(batch["x_train"].numpy(), full[list(mt)].reshape(-1, 28, 28, 1), atol=1e-6)
-        np.testing.assert_allclose(batch["x_test"].numpy(), full[ho], atol=1e-6)
+        np.testing.assert_allclose(batch.x_train.numpy(), full[list(mt)].reshape(-1, 28, 28, 1), atol=1e-6)
+        np.testing.assert_allclose(batch.x_test.numpy(), full[ho], atol=1e-6)
+        assert int(batch.held_out) == ho
     attacked = next(s for s in range(20) if pool.sample(s)[1] == 2)  # a step whose held-out task is pgd3
-    before = prepare(x, y, tf.constant(attacked, tf.int64))["x_test"].numpy()
+    before = prepare(x, y, tf.constant(attacked, tf.int64)).x_test.numpy()
     head = [w.copy() for w in models.classifier.get_weights()]
     mid.compile(optimizer=keras.optimizers.Adam(1e-2))
     mid.fit(x.numpy(), y.numpy(), batch_size=8, epochs=2, verbose=0)
-    after = prepare(x, y, tf.constant(attacked, tf.int64))["x_test"].numpy()
+    after = prepare(x, y, tf.constant(attacked, tf.int64)).x_test.numpy()
     assert np.abs(after - before).max() > 1e-3  # same seed, moved student: other adversarials
     for a, b in zip(head, models.classifier.get_weights()):
         np.testing.assert_array_equal(a, b)  # the teacher head C is never trained
@@ -331,9 +350,9 @@ def test_student_init_from_teacher_and_validation(tmp_path, mnist_small):
     from mid_tf.data import Split
     from mid_tf.training.mid_stage import train_mid
 
-    with pytest.raises(ConfigError, match="--student_init"):
+    with pytest.raises(ConfigError, match=r"^mid\.student_init "):
         MIDStageConfig(student_init="imagenet").validate()
-    with pytest.raises(ConfigError, match="--attack_source=target"):
+    with pytest.raises(ConfigError, match=r"^mid\.attack_cache_epochs needs mid\.attack_source=target"):
         MIDStageConfig(attack_cache_epochs=2, attack_source="student").validate()
     keras.utils.set_random_seed(6)
     models = build_models("mnist", width=0.25)
@@ -402,8 +421,10 @@ def test_kl_reductions_official_and_per_distribution():
     p, q = tf.nn.softmax(t), tf.nn.softmax(s)
     manual = float(tf.reduce_mean(tf.reduce_sum(p * (tf.math.log(p) - tf.math.log(q)), -1)))
     assert per_dist == pytest.approx(manual, rel=1e-5) and official == pytest.approx(manual / 8, rel=1e-5)
-    with pytest.raises(ValueError, match="kl_reduction"):
-        MetaConfig(kl_reduction="sum").validate()
+    with pytest.raises(ConfigError, match=r"^mid\.kl_reduction "):
+        MIDStageConfig(kl_reduction="sum").validate()
+    with pytest.raises(ConfigError, match=r"^mid\.kl_reduction "):  # the meta-learner validates its config
+        _mid(build_models("mnist", width=0.125), FixedPool(), kl_reduction="sum")
 
 
 def test_mid_stage_in_mixed_bfloat16_trains_a_twin_and_keeps_float32_outputs(tmp_path, mnist_data_dir):
@@ -430,7 +451,7 @@ def test_mid_stage_in_mixed_bfloat16_trains_a_twin_and_keeps_float32_outputs(tmp
     keras.utils.set_random_seed(cfg.seed)  # as stages.run: rebuilds the student's initial weights
     initial = build_models("mnist", width=0.25).student_encoder.get_weights()
     assert any(not np.array_equal(a, b) for a, b in zip(student, initial))  # the bf16 training reached it
-    with pytest.raises(Exception, match="mid_precision"):
+    with pytest.raises(ConfigError, match=r"^mid\.precision "):
         MIDStageConfig(precision="float16").validate()
 
 
@@ -499,17 +520,19 @@ def test_eps_warmup_shrinks_the_pool_then_leaves_it_unchanged(pool_names, k):
     models = build_models("mnist", width=0.25)
     pool = AttackPool(pool_names, seed=2, num_meta_train=k, batched_runner=False)
     plain = _mid(models, pool, attack_source="student", meta_order=1)
-    warm = _mid(models, pool, attack_source="student", meta_order=1, eps_warmup_steps=4)
+    warm = _mid(models, AttackPool(pool_names, seed=2, num_meta_train=k, batched_runner=False, eps_warmup_steps=4),
+                attack_source="student", meta_order=1)
     x = tf.random.uniform((16, 28, 28, 1))
     y = tf.constant(np.arange(16) % 10)
-    np.testing.assert_allclose(float(warm.eps_fraction(tf.constant(0, tf.int64))), 0.25)
+    np.testing.assert_allclose(float(warm.pool.eps_fraction(tf.constant(0, tf.int64))), 0.25)
+    assert float(pool.eps_fraction(tf.constant(0, tf.int64))) == 1.0
     for step in range(6):
-        b_warm = warm._prepare(x, y, tf.constant(step, tf.int64))
-        b_plain = plain._prepare(x, y, tf.constant(step, tf.int64))
+        b_warm = warm.sample_tasks(x, y, tf.constant(step, tf.int64))
+        b_plain = plain.sample_tasks(x, y, tf.constant(step, tf.int64))
         r = min(1.0, (step + 1) / 4)
         mt, ho = pool.sample(step)
-        rows_warm = [*tf.split(b_warm["x_train"], k), b_warm["x_test"]]
-        rows_plain = [*tf.split(b_plain["x_train"], k), b_plain["x_test"]]
+        rows_warm = [*tf.split(b_warm.x_train, k), b_warm.x_test]
+        rows_plain = [*tf.split(b_plain.x_train, k), b_plain.x_test]
         for task, a, b in zip([*mt, ho], rows_warm, rows_plain):
             name = pool.names[task]
             d_warm, d_plain = float(tf.reduce_max(tf.abs(a - x))), float(tf.reduce_max(tf.abs(b - x)))
@@ -524,5 +547,10 @@ def test_eps_warmup_shrinks_the_pool_then_leaves_it_unchanged(pool_names, k):
                 l2_warm = float(tf.reduce_max(tf.norm(tf.reshape(a - x, [16, -1]), axis=1)))
                 l2_plain = float(tf.reduce_max(tf.norm(tf.reshape(b - x, [16, -1]), axis=1)))
                 assert l2_warm <= r * l2_plain * 1.5 + 1e-5 and l2_warm < l2_plain, (step, name)
-    with pytest.raises(ValueError, match="mid_eps_warmup_epochs"):
-        MetaConfig(eps_warmup_steps=-1).validate()
+    with pytest.raises(ConfigError, match=r"^mid\.eps_warmup_epochs "):
+        MIDStageConfig(eps_warmup_epochs=-1).validate()
+    from mid_tf.training.mid_stage import build_mid  # the stage counts the warm-up in optimizer steps
+    cfg = MIDStageConfig(pool=pool_names, num_meta_train=k, eps_warmup_epochs=1.5)
+    assert build_mid(models, cfg, seed=2, steps_per_epoch=4).pool.eps_warmup_steps == 6
+    with pytest.raises(ConfigError, match=r"^mid\.eps_warmup_epochs needs the steps per epoch"):
+        build_mid(models, cfg, seed=2)

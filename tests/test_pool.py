@@ -11,7 +11,8 @@ import tensorflow as tf
 
 import attack_fixtures as F
 from mid_tf.attacks import make_attack
-from mid_tf.attacks.pool import OFFICIAL_MNIST_POOL, AttackPool
+from mid_tf.attacks.pool import AttackPool
+from mid_tf.config import MIDStageConfig
 
 
 @pytest.fixture(scope="session")
@@ -25,16 +26,16 @@ def batch():
 
 
 def test_default_pool_is_official_addclean():
-    pool = AttackPool()
-    assert pool.names == OFFICIAL_MNIST_POOL == ("clean", "pgd40", "pgd40_t0", "mim40", "mim40_t0")
-    assert pool.num_tasks == 5 and pool.num_meta_train == 4
+    pool = AttackPool(MIDStageConfig().pool)  # the default lives in the config, once
+    assert pool.names == ("clean", "pgd40", "pgd40_t0", "mim40", "mim40_t0")
+    assert pool.num_tasks == 5 and pool.num_meta_train == 4 and pool.eps_warmup_steps == 0
 
 
 def test_sampling_is_deterministic_and_graph_equal():
-    pool = AttackPool(seed=1)
+    pool = AttackPool(MIDStageConfig().pool, seed=1)
     draws = [pool.sample(s) for s in range(200)]
     assert draws == [pool.sample(s) for s in range(200)]
-    assert draws != [AttackPool(seed=2).sample(s) for s in range(200)]
+    assert draws != [AttackPool(MIDStageConfig().pool, seed=2).sample(s) for s in range(200)]
     for mt, ho in draws:
         assert ho not in mt and len(mt) == 4 and sorted(set(mt)) == list(mt)
     counts = np.bincount([ho for _, ho in draws], minlength=5)
@@ -46,12 +47,12 @@ def test_sampling_is_deterministic_and_graph_equal():
 
 
 def test_num_meta_train_and_refusals():
-    pool = AttackPool(seed=0, num_meta_train=2)
+    pool = AttackPool(MIDStageConfig().pool, seed=0, num_meta_train=2)
     for s in range(20):
         mt, ho = pool.sample(s)
         assert len(mt) == 2 and ho not in mt
     with pytest.raises(ValueError, match=r"num_meta_train must be in \[1, 4\]"):
-        AttackPool(num_meta_train=5)
+        AttackPool(MIDStageConfig().pool, num_meta_train=5)
     with pytest.raises(ValueError, match="eager-only.*Graph-safe attacks: .*pgd40"):
         AttackPool(["clean", "pgd40", "cw_l2"])
     with pytest.raises(ValueError, match="eager-only"):
@@ -73,13 +74,13 @@ def assert_same_attacks(got, want):
 
 def test_craft_all_matches_cleverhans_and_tf_function(fn, batch):
     x, y = batch
-    pool = AttackPool(seed=4, batched_runner=True)
+    pool = AttackPool(MIDStageConfig().pool, seed=4, batched_runner=True)
     tasks = pool.craft_all(fn, x, y, step=3).numpy()
     assert tasks.shape == (5,) + x.shape
     np.testing.assert_array_equal(tasks[0], x)
     ref = np.stack([make_attack(s)(fn, x, y, seed=pool.task_seed(3, i)).numpy() for i, s in enumerate(pool.specs)])
     assert_same_attacks(tasks, ref)   # batched runner == per-attack CleverHans
-    seq = AttackPool(seed=4, batched_runner=False).craft_all(fn, x, y, step=3).numpy()
+    seq = AttackPool(MIDStageConfig().pool, seed=4, batched_runner=False).craft_all(fn, x, y, step=3).numpy()
     assert_same_attacks(seq, ref)
     graph = tf.function(lambda a, b, s: pool.craft_all(fn, a, b, s))
     assert_same_attacks(graph(x, y, tf.constant(3, tf.int64)).numpy(), tasks)
@@ -128,3 +129,20 @@ def test_mirrored_strategy_matches_eager(tmp_path):
     assert res["pool"] <= 1e-4 and res["pool_seq"] <= 1e-4 and res["pgd"] <= 1e-4, res  # fractions of pixels
     assert res["held_out"] == [res["held_out_eager"]] * 2 and res["meta_train_equal"]
     assert min(res["pool_changed"]) > 0.1
+
+
+def test_craft_step_takes_the_rows_and_applies_the_eps_warmup():
+    """craft_step on precomputed tasks (the attack cache): rows `indices`, pulled toward x by
+    r = min(1, (step + 1) / eps_warmup_steps); without warm-up, or once r = 1, the rows themselves."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.random((4, 28, 28, 1)), tf.float32)
+    tasks = tf.constant(rng.random((5, 4, 28, 28, 1)), tf.float32)
+    idx = tf.constant([1, 3, 4, 0], tf.int32)
+    plain, warm = AttackPool(MIDStageConfig().pool), AttackPool(MIDStageConfig().pool, eps_warmup_steps=4)
+    np.testing.assert_array_equal(plain.craft_step(None, x, None, 0, idx, tasks=tasks), tf.gather(tasks, idx))
+    for step, r in ((0, 0.25), (2, 0.75), (3, 1.0), (9, 1.0)):
+        assert float(warm.eps_fraction(tf.constant(step, tf.int64))) == r
+        got = warm.craft_step(None, x, None, tf.constant(step, tf.int64), idx, tasks=tasks).numpy()
+        want = x.numpy() + r * (tf.gather(tasks, idx).numpy() - x.numpy())
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+    assert "eps_warmup_steps=4" in repr(warm) and "eps_warmup" not in repr(plain)

@@ -6,14 +6,13 @@ import os
 
 import attack_fixtures as F
 import keras
-import numpy as np
 import pytest
-import tensorflow as tf
 
 from mid_tf.attacks import REGISTRY
-from mid_tf.evaluation.report import (SCHEMA, attack_group, build_report, load_report, sanity_flags,
-                                      validate_report, write_report)
+from mid_tf.evaluation.report import ReportInput, build_report
 from mid_tf.evaluation.robustness import accuracy, craft
+from mid_tf.evaluation.sanity import attack_group, sanity_flags
+from mid_tf.evaluation.writers import REQUIRED_KEYS, SCHEMA, load_report, validate_report, write_report
 
 # Cheap settings for the eager-only attacks, same registered names.
 CHEAP = {"cw_l2": "max_iterations=10,binary_search_steps=1", "cw_l2_t0": "max_iterations=10,binary_search_steps=1",
@@ -50,10 +49,10 @@ def test_report_covers_every_registered_attack_and_recomputes(tiny, tmp_path):
     x, y = x[:24], y[:24]
     other = F.train_target(width=0.25, train_examples=2000, seed=1)
     names = [n for n in REGISTRY if n != "clean"]
-    report, grids = build_report({"target": target, "other": other}, x, y, attacks=_attack_list(names),
-                                 whitebox_attacks=["fgsm", "pgd40"], pool=POOL, slow_examples=8,
-                                 regenerator=lambda z: z, eps_sweep=(0.1, 0.3), progress=False,
-                                 grid_attacks=("pgd40",), grid_images=4)
+    report, grids = build_report(ReportInput({"target": target, "other": other}, x, y, attacks=_attack_list(names),
+                                             whitebox_attacks=["fgsm", "pgd40"], pool=POOL, slow_examples=8,
+                                             regenerator=lambda z: z, eps_sweep=(0.1, 0.3), grid_attacks=("pgd40",),
+                                             grid_images=4), progress=False)
     assert set(report["transfer"]) == set(names)
     assert report["attacks"]["cw_l2"]["examples"] == 8 and report["attacks"]["pgd40"]["examples"] == 24
     assert report["attacks"]["pgd40"]["group"] == "known" and report["attacks"]["fgsm"]["group"] == "unknown"
@@ -74,7 +73,7 @@ def test_report_covers_every_registered_attack_and_recomputes(tiny, tmp_path):
 
 def test_schema_validation_names_the_broken_key(tiny):
     target, (x, y) = tiny
-    report, _ = build_report({"target": target}, x[:8], y[:8], attacks=["fgsm"], pool=POOL, eps_sweep=(),
+    report, _ = build_report(ReportInput({"target": target}, x[:8], y[:8], attacks=["fgsm"], pool=POOL, eps_sweep=()),
                              progress=False)
     validate_report(report)
     for key in ("summary", "sanity"):
@@ -88,12 +87,27 @@ def test_schema_validation_names_the_broken_key(tiny):
         validate_report(broken)
 
 
+def test_build_report_takes_one_typed_input(tiny):
+    target, (x, y) = tiny
+    spec = ReportInput({"target": target}, x[:8], y[:8], attacks=["fgsm"], pool=POOL, eps_sweep=())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.seed = 1
+    assert spec.whitebox == ["fgsm"]  # white-box attacks default to the transfer ones
+    report, grids = build_report(spec, progress=False)
+    assert set(report) == set(REQUIRED_KEYS) and grids == {}
+    assert report["whitebox"]["fgsm"]["target"] == report["transfer"]["fgsm"]["target"]  # shared, not recrafted
+    with pytest.raises(TypeError):
+        build_report({"target": target}, x[:8], y[:8], attacks=["fgsm"])  # the input is one ReportInput
+    with pytest.raises(ValueError, match="transfer source 'target'"):
+        build_report(dataclasses.replace(spec, models={"other": target}), progress=False)
+
+
 def test_sanity_flags_fire_on_a_gradient_masking_model_and_not_on_its_honest_twin(tiny):
     target, (x, y) = tiny
     x, y = x[:64], y[:64]
     masked = Saturated(target)
-    report, _ = build_report({"target": target, "masked": masked, "honest": target}, x, y,
-                             attacks=["fgsm", "pgd40"], pool=POOL, eps_sweep=(0.3, 1.0), progress=False)
+    report, _ = build_report(ReportInput({"target": target, "masked": masked, "honest": target}, x, y,
+                                         attacks=["fgsm", "pgd40"], pool=POOL, eps_sweep=(0.3, 1.0)), progress=False)
     fired = {(f["flag"], f["model"]) for f in report["sanity"]}
     assert ("whitebox_above_transfer", "masked") in fired, report["sanity"]
     assert ("large_eps_not_zero", "masked") in fired, report["sanity"]
@@ -151,16 +165,16 @@ def test_eval_stage_writes_report_figures_and_tensorboard(tmp_path, mnist_data_d
 
 
 def test_killed_evaluation_resumes_from_the_memo_and_retrained_models_are_redone(tiny, tmp_path, monkeypatch):
-    from mid_tf.evaluation import report as report_lib
+    from mid_tf.evaluation import pieces
     from mid_tf.evaluation.memo import ReportMemo
 
     target, (x, y) = tiny
     x, y = x[:32], y[:32]
     other = F.train_target(width=0.25, train_examples=2000, seed=1)
-    kwargs = dict(attacks=["fgsm", "pgd40:nb_iter=3,eps_iter=0.1"], whitebox_attacks=["fgsm", "pgd40:nb_iter=3,eps_iter=0.1"],
-                  pool=POOL, eps_sweep=(0.3,), progress=False)
-    fresh, _ = build_report({"target": target, "other": other}, x, y, **kwargs)
-    real_craft, calls = report_lib.craft, []
+    spec = ReportInput({"target": target, "other": other}, x, y, attacks=["fgsm", "pgd40:nb_iter=3,eps_iter=0.1"],
+                       whitebox_attacks=["fgsm", "pgd40:nb_iter=3,eps_iter=0.1"], pool=POOL, eps_sweep=(0.3,))
+    fresh, _ = build_report(spec, progress=False)
+    real_craft, calls = pieces.craft, []
 
     def counting(*a, **k):
         calls.append(a[0])
@@ -173,13 +187,13 @@ def test_killed_evaluation_resumes_from_the_memo_and_retrained_models_are_redone
         return real_craft(*a, **k)
 
     path = str(tmp_path / "memo.json")
-    monkeypatch.setattr(report_lib, "craft", killing)
+    monkeypatch.setattr(pieces, "craft", killing)
     with pytest.raises(KeyboardInterrupt):
-        build_report({"target": target, "other": other}, x, y, memo=ReportMemo(path), **kwargs)
+        build_report(spec, memo=ReportMemo(path), progress=False)
     calls.clear()
-    monkeypatch.setattr(report_lib, "craft", counting)
+    monkeypatch.setattr(pieces, "craft", counting)
     memo = ReportMemo(path)
-    resumed, _ = build_report({"target": target, "other": other}, x, y, memo=memo, **kwargs)
+    resumed, _ = build_report(spec, memo=memo, progress=False)
     assert memo.hits == 3 and len(calls) == 1 + 2  # white-box pgd40 on `other` + eps sweep of both models
     for key in ("clean", "transfer", "whitebox", "eps_sweep", "zero_gradient_fraction", "summary"):
         assert resumed[key] == fresh[key], key
@@ -188,5 +202,5 @@ def test_killed_evaluation_resumes_from_the_memo_and_retrained_models_are_redone
     w[-1] = w[-1] + 1.0
     other.set_weights(w)
     calls.clear()
-    build_report({"target": target, "other": other}, x, y, memo=ReportMemo(path), **kwargs)
+    build_report(spec, memo=ReportMemo(path), progress=False)
     assert len(calls) == 2 + 2 + 1  # both transfer attacks (scored by `other`), its 2 white-box, its sweep

@@ -213,3 +213,20 @@ def test_cli_unavailable_when_nothing_listens(tmp_path):
         err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert len(err) == 1 and "UNAVAILABLE" in err[0] and "is the model server running" in err[0]
         assert "8500" in err[0]
+
+
+@pytest.mark.parametrize("argv, needle", [(["--model_version=1", "--version_label=stable"], "At most one of"),
+                                          (["--signature=nope"], "--signature"), (["--bogus"], "bogus"),
+                                          (["--batch_size=0", "--inputs=x.npy"], "--batch_size"), ([], "nothing to send")])
+def test_cli_bad_input_is_one_line_and_status_2(argv, needle, capsys):
+    """absl flags in a FlagValues of the call's own: every call starts from the defaults, and a bad flag
+    ends like any other failure (no request is sent for these)."""
+    assert client.main(["--server=127.0.0.1:1", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_cli_help_lists_the_flags(capsys):
+    assert client.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--server" in out and "--version_label" in out and "--inputs" in out

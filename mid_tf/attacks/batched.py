@@ -12,7 +12,7 @@ Equivalence with the CleverHans functions (given the same labels/targets and ran
     PGD/BIM/FGM are the same update with decay 0 (sign of a positively scaled gradient is unchanged);
   * PGD/BIM/FGM clip to [0,1] before projecting onto the eps-ball (CleverHans' FGM step then PGD's
     projection), MIM projects then clips, exactly as CleverHans orders them;
-  * the random start is `seeded_lp_vector` with `registry.start_seed(seed)`, as in `make_attack`.
+  * the random start is `seeded_lp_vector` with `crafting.start_seed(seed)`, as in `make_attack`.
 Results match per-attack CleverHans calls up to float round-off of batched convolutions
 (tests/test_pool.py checks it).
 """
@@ -22,8 +22,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from mid_tf.attacks.cleverhans_compat import seeded_lp_vector
-from mid_tf.attacks.registry import AttackSpec, attack_labels, start_seed
+from mid_tf.attacks.crafting import attack_labels, start_seed
+from mid_tf.attacks.registry import AttackSpec
+from mid_tf.attacks.seeds import seeded_lp_vector
 
 
 def batch_key(spec: AttackSpec):
@@ -68,7 +69,7 @@ def run_linf_group(specs, model_fn, x, y, seeds) -> list:
 
     adv = tf.concat(starts, 0)
     mom = tf.zeros_like(adv)
-    for _ in range(nb_iter):  # unrolled like CleverHans: a tf.while_loop was 1.6x slower at 4x256 on CPU
+    for _ in range(nb_iter):  # unrolled like CleverHans: a tf.while_loop was slower on CPU (docs/performance.md)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(adv)
             loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=model_fn(adv))

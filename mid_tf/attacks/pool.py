@@ -1,7 +1,6 @@
 """The Attacker Pool: the tasks MID trains on, the per-step meta-train / held-out split, and crafting.
 
-Default = the official MNIST training pool with the clean batch as a task ("addclean"):
-    ("clean", "pgd40", "pgd40_t0", "mim40", "mim40_t0")
+The run's pool is `MIDStageConfig.pool` (mid_tf/config.py; default the official "addclean" MNIST pool).
 Every step the pool picks one held-out (meta-test) task uniformly and `num_meta_train` meta-train
 tasks (default: all the others), deterministically in (seed, step). Only graph-safe attacks are
 allowed (they run inside the training step's `tf.function` and `strategy.run`); CW, SPSA and ART
@@ -9,10 +8,13 @@ attacks are refused with a message.
 
 Use in a MID train step (inside tf.function, per replica under strategy.run):
 
-    tasks = pool.craft_all(target_fn, x, y, step)        # [T, B, H, W, C], tf.stop_gradient'ed
-    meta_train_idx, held_out = pool.sample_tf(step)       # int32 [k], int32 scalar
-    x_meta_train = tf.gather(tasks, meta_train_idx)       # [k, B, H, W, C]
-    x_held_out = tf.gather(tasks, held_out)               # [B, H, W, C]
+    meta_train_idx, held_out = pool.sample_tf(step)                  # S and u: int32 [k], int32 scalar
+    rows = pool.craft_step(source, x, y, step,                        # [k + 1, B, H, W, C], no gradient
+                           tf.concat([meta_train_idx, held_out[None]], 0))
+    x_meta_train, x_held_out = rows[:-1], rows[-1]
+
+`craft_step` applies the pool's eps warm-up (`eps_warmup_steps`, attacks/warmup.py); `craft_all`
+and `craft_tasks` craft at full eps.
 
 `step` may be a Python int or an integer tensor (e.g. `optimizer.iterations`). The sampling does not
 depend on the replica, so every replica holds out the same task; the attack seeds fold in the replica
@@ -24,18 +26,19 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from mid_tf.attacks import batched, registry
-from mid_tf.attacks.cleverhans_compat import fold
+from mid_tf.attacks import batched, registry, warmup
+from mid_tf.attacks.crafting import make_attack
+from mid_tf.attacks.seeds import fold
 
-OFFICIAL_MNIST_POOL = ("clean", "pgd40", "pgd40_t0", "mim40", "mim40_t0")
 _SAMPLE_STREAM, _CRAFT_STREAM = 1, 2
 
 
 class AttackPool:
-    """Tasks (registry names/specs), a seed, and how many meta-train tasks to draw per step."""
+    """Tasks (registry names/specs), a seed, how many meta-train tasks to draw per step, and the number
+    of optimizer steps over which `craft_step` ramps eps from 0 to full (0: no warm-up)."""
 
-    def __init__(self, names=OFFICIAL_MNIST_POOL, seed: int = 0, num_meta_train: int | None = None,
-                 batched_runner: bool | None = None, registry_dict: dict | None = None):
+    def __init__(self, names, seed: int = 0, num_meta_train: int | None = None,
+                 batched_runner: bool | None = None, registry_dict: dict | None = None, eps_warmup_steps: int = 0):
         if isinstance(names, str):
             self.specs = registry.parse_attack_list(names, registry_dict)
         else:
@@ -53,10 +56,11 @@ class AttackPool:
         k = len(self.specs) - 1 if num_meta_train is None else int(num_meta_train)
         if not 1 <= k <= len(self.specs) - 1:
             raise ValueError(f"num_meta_train must be in [1, {len(self.specs) - 1}] for {len(self.specs)} tasks, got {k}")
-        if batched_runner is None:  # measured: no gain on CPU (a 4x batch costs >= 4x there), see docs
+        if batched_runner is None:  # on CPU a 4x batch costs about 4x: batch only where a GPU is visible
             batched_runner = bool(tf.config.list_physical_devices("GPU"))
         self.seed, self.num_meta_train, self.batched_runner = int(seed), k, bool(batched_runner)
-        self._fns = [registry.make_attack(s) for s in self.specs]
+        self.eps_warmup_steps = int(eps_warmup_steps)
+        self._fns = [make_attack(s) for s in self.specs]
 
     @property
     def names(self) -> tuple:
@@ -137,13 +141,44 @@ class AttackPool:
         rows = [tf.switch_case(indices[j], branches) for j in range(int(indices.shape[0]))]
         return tf.stop_gradient(tf.stack(rows, 0))
 
-    def split(self, tasks, step):
-        """(x_meta_train [k, B, ...], x_held_out [B, ...], meta_train_idx, held_out) for this step."""
-        mt, ho = self.sample_tf(step)
-        return tf.gather(tasks, mt), tf.gather(tasks, ho), mt, ho
+    # ------------------------------------------------------------ one training step's tasks
+    def eps_fraction(self, step):
+        """r of the eps warm-up at optimizer step `step` (attacks/warmup.py; 1 without warm-up)."""
+        return warmup.eps_fraction(step, self.eps_warmup_steps)
+
+    def _warm(self, model_fn, x, step):
+        """(model_fn, shrink) for the eps warm-up at `step`: the attack runs on z ↦ model(x + r(z − x)) and its
+        result is pulled into the ball of radius r·eps around x (as the baselines' warm-up). Unchanged without."""
+        if not self.eps_warmup_steps:
+            return model_fn, (lambda t: t)
+        r = tf.cast(self.eps_fraction(step), tf.float32)
+        x_ref = tf.cast(x, tf.float32)
+
+        def shrink(t):
+            return warmup.shrink(x_ref, t, r)
+
+        source = as_model_fn(model_fn)
+        return (lambda z: source(shrink(z))), shrink
+
+    def craft_step(self, model_fn, x, y, step, indices, tasks=None) -> tf.Tensor:
+        """Rows `indices` (int32 [n], static n) of this step's tasks, in the eps warm-up's ball: [n, B, H, W, C].
+
+        `tasks` [T, B, H, W, C]: all tasks crafted beforehand at full eps (the attack cache); their rows are
+        shrunk by the warm-up. Otherwise the listed tasks alone are crafted on the warmed `model_fn` when
+        they are fewer than the pool (`craft_tasks`: the others would be thrown away), else all of them
+        (`craft_all`, batched where it can be). The clean task stays the clean batch. No gradient path.
+        """
+        model_fn, shrink = self._warm(model_fn, x, step)
+        indices = tf.convert_to_tensor(indices, tf.int32)
+        if tasks is None and int(indices.shape[0]) < self.num_tasks:
+            return shrink(self.craft_tasks(model_fn, x, y, step, indices))
+        if tasks is None:
+            tasks = self.craft_all(model_fn, x, y, step)
+        return tf.gather(shrink(tf.stop_gradient(tasks)), indices)
 
     def __repr__(self):
-        return f"AttackPool({list(self.names)}, seed={self.seed}, num_meta_train={self.num_meta_train})"
+        warm = f", eps_warmup_steps={self.eps_warmup_steps}" if self.eps_warmup_steps else ""
+        return f"AttackPool({list(self.names)}, seed={self.seed}, num_meta_train={self.num_meta_train}{warm})"
 
 
 _FN_CACHE: dict = {}

@@ -1,24 +1,28 @@
 """Accuracy of the undefended MNIST target under every registered attack (a quick sanity table).
 
-    python -m mid_tf.attacks.table --data_dir ../shared/data/mnist --examples 1000 \
-        [--model_dir runs/x] [--train_epochs 3] [--attacks all|pgd40,cw_l2:max_iterations=100] \
-        [--slow_examples 100]
+    python -m mid_tf.attacks.table --data_dir=../shared/data/mnist --examples=1000 \
+        [--model_dir=runs/x] [--train_epochs=3] [--attacks=all|pgd40,cw_l2:max_iterations=100] \
+        [--slow_examples=100]
 
 The target is loaded from a train.py `<model_dir>` (target/target.weights.h5) or from
 `<model_dir>/target/model.weights.h5` when present, else trained here
 (official LeNet, width 1) for `--train_epochs` epochs on the training split and saved there. Graph-safe attacks run
 on `--examples` test images (in tf.function, batch 256); eager-only ones (CW-L2, SPSA, ART) on the
-first `--slow_examples` of them, because they are 10-1000x slower on CPU (see docs/attacks.md).
+first `--slow_examples` of them, because they are orders of magnitude slower on CPU (see docs/attacks.md).
+A bad flag or attack list ends the run with one line `error: ...` and status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import time
 
 import numpy as np
 import tensorflow as tf
+from absl import app, flags
+
+FLAGS = flags.FLAGS
 
 
 def load_or_train_target(model_dir: str | None, data_dir: str | None, epochs: int = 1, width: float = 1.0,
@@ -55,7 +59,7 @@ def load_or_train_target(model_dir: str | None, data_dir: str | None, epochs: in
 
 def evaluate(specs, model_fn, x, y, slow_examples: int = 100, batch_size: int = 256, seed: int = 0, log=print):
     """Rows (name, kind, n, accuracy, max L-inf, max L2, seconds) for each spec."""
-    from mid_tf.attacks.registry import make_attack
+    from mid_tf.attacks.crafting import make_attack
     rows = []
     for spec in specs:
         attack = make_attack(spec)
@@ -76,27 +80,54 @@ def evaluate(specs, model_fn, x, y, slow_examples: int = 100, batch_size: int = 
     return rows
 
 
-def main(argv=None):
+def define_flags() -> None:
+    """The tool's flags (defined when it runs, not when `load_or_train_target` is imported)."""
+    flags.DEFINE_string("data_dir", None, "MNIST directory (IDX files); default: $MID_DATA_DIR, else TFDS's.")
+    flags.DEFINE_string("model_dir", None, "A train.py model_dir with a trained target, or where to save one.")
+    flags.DEFINE_integer("examples", 1000, "Test images for the graph-safe attacks.", lower_bound=1)
+    flags.DEFINE_integer("slow_examples", 100, "The first N of them for eager-only attacks (CW-L2, SPSA, ART).",
+                         lower_bound=1)
+    flags.DEFINE_integer("train_epochs", 3, "Epochs to train the target when no weights are found.", lower_bound=0)
+    flags.DEFINE_string("attacks", "all", "all, or a registry attack list: pgd40,cw_l2:max_iterations=100")
+    flags.DEFINE_integer("seed", 0, "Seed of the target's training and of the attacks.")
+
+
+def main(argv) -> int:
     from mid_tf.attacks.registry import REGISTRY, parse_attack_list
     from mid_tf.data.datasets import load_split
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--model_dir", default=None)
-    p.add_argument("--examples", type=int, default=1000)
-    p.add_argument("--slow_examples", type=int, default=100)
-    p.add_argument("--train_epochs", type=int, default=3)
-    p.add_argument("--attacks", default="all")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    specs = list(REGISTRY.values()) if a.attacks == "all" else parse_attack_list(a.attacks)
-    model = load_or_train_target(a.model_dir, a.data_dir, a.train_epochs, seed=a.seed)
+    if len(argv) > 1:
+        return fail(f"unexpected arguments: {argv[1:]}")
+    try:
+        specs = list(REGISTRY.values()) if FLAGS.attacks == "all" else parse_attack_list(FLAGS.attacks)
+    except ValueError as e:
+        return fail(f"--attacks: {e}")
+    model = load_or_train_target(FLAGS.model_dir, FLAGS.data_dir, FLAGS.train_epochs, seed=FLAGS.seed)
     fn = lambda z: model(z, training=False)  # noqa: E731
-    test = load_split("mnist", "test", a.data_dir, limit=a.examples)
+    test = load_split("mnist", "test", FLAGS.data_dir, limit=FLAGS.examples)
     x, y = test.images.astype(np.float32) / 255.0, test.labels.astype(np.int64)
     print(f"{'attack':40s} {'kind':8s} {'n':>5s}")
-    evaluate(specs, fn, x, y, slow_examples=a.slow_examples, seed=a.seed)
+    evaluate(specs, fn, x, y, slow_examples=FLAGS.slow_examples, seed=FLAGS.seed)
+    return 0
+
+
+def fail(message) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def parse_flags(argv):
+    """absl's parse, but a bad flag ends the run as every other failure does: one line, status 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(fail(e))
+
+
+def run() -> None:
+    define_flags()
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -1,9 +1,9 @@
-"""eps warm-up shared by the MID pool and the adversarial-training baselines.
+"""eps warm-up shared by the MID pool (`AttackPool.craft_step`) and the adversarial-training baselines.
 
 At optimizer step t an attack works in the ball of radius r·eps around x, r = min(1, (t + 1) / warm-up steps):
 it runs on z ↦ model(x + r(z − x)) (its ball and steps scaled by r) and its result is x + r(z − x).
 Started at full eps, a randomly initialised network attacked from step 0 may not learn at all (PGD-AT
-stayed at chance that way here, training/baselines.py).
+does not, training/baselines.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Finished pieces of a robustness report, kept on disk so that a killed evaluation resumes.
 
-A full report (every attack, two threat models, four models, 10,000 images) takes hours on a CPU.
+A full report (every attack, two threat models, four models, every test image) is long to craft.
 Each finished piece - one transfer attack (its adversarials scored by every model), one white-box
 attack on one model, one model's gradient and eps checks - is written here as soon as it is done,
 and a rerun of the eval stage reads it back instead of crafting again.
@@ -10,11 +10,11 @@ and a fingerprint of the weights of every model involved (so a retrained model i
 never matched to stale numbers). Models given as plain functions have no fingerprint; their pieces
 are never memoized. The file is rewritten atomically after each piece.
 
-Several evaluation processes can share one memo (start the same command N times: eager-only attacks
-such as CW-L2, SPSA and ART's run mostly on one core, so two workers use a 2-core CPU about twice as
-well). A worker *claims* a piece before crafting it (`claims/<sha1 of the key>`, created exclusively,
-holding its host and pid); the others skip it, and at the end wait for it to appear in the memo,
-taking it over if its holder died. Writes merge with what is on disk under a file lock, so no
+Several evaluation processes can share one memo (evaluation/scheduler.py: eager-only attacks such as
+CW-L2, SPSA and ART's run mostly on one core, so each further worker puts another core to work). A
+worker *claims* a piece before crafting it (`claims/<sha1 of the key>`, created exclusively, holding
+its host and pid); the others skip it, and at the end wait for it to appear in the memo, taking it
+over if its holder died. Writes merge with what is on disk under a file lock, so no
 worker's pieces are lost.
 """
 

@@ -31,7 +31,8 @@ import numpy as np
 import tensorflow as tf
 
 from mid_tf.export import warmup as warmup_lib
-from mid_tf.models import build_pipeline, build_regenerator, xla_kernels
+from mid_tf.kernels import xla
+from mid_tf.models import build_pipeline, build_regenerator
 
 SIGNATURES = ("serving_default", "regenerate", "classify_encoded")
 CLASSIFY_OUTPUTS = ("logits", "probabilities", "classes")
@@ -220,7 +221,7 @@ def export_model(models, export_base: str, version: int | None = None, *, overwr
     tmp = os.path.join(export_base, f".tmp-{os.getpid()}-{version}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with xla_kernels.stock_ops():  # the served graph: standard kernels only, nothing for Serving to JIT
+        with xla.stock_ops():  # the served graph: standard kernels only, nothing for Serving to JIT
             module = build_serving_module(models)
             _save_savedmodel(module, tmp)
         _write_assets_extra(tmp, module, model_name, version, dict(metadata or {}))
@@ -315,7 +316,7 @@ def verify_export(path: str, models, num_images: int = 8, seed: int = 0, timeout
     # serialization kept. The compiled kernels agree with them to float32 round-off (tests/test_fast_ops.py),
     # but the decoder's max-unpooling switches are discontinuous: a ReLU output of ~1e-7 against an exact 0
     # in an otherwise zero window moves a regenerated pixel by up to ~0.008 (measured on a white-box run).
-    with xla_kernels.stock_ops():
+    with xla.stock_ops():
         logits = np.asarray(pipeline(images, training=False))
         regenerated = np.asarray(regenerator(images, training=False))
     expected = {

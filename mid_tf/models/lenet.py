@@ -6,7 +6,7 @@
   classifier  flatten 3136 -> fc200-relu -> fc10                          (features -> logits)
 The teacher is encoder + decoder + classifier; the MID student encoder has the encoder's
 architecture. `width` scales the conv channels (1 = official; tests use small widths).
-The 1-channel convolutions (first conv, last transposed conv) are `fast_conv` layers: the same
+The 1-channel convolutions (first conv, last transposed conv) are `kernels.fast_conv` layers: the same
 maths and weights as Keras' layers, with a faster gradient on CPU. The encoder keeps relu before its
 pooling: its switches must mark the post-relu maxima the decoder unpools to (the target pools first).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import keras
 
-from mid_tf.models import fast_conv
+from mid_tf.kernels import fast_conv
 from mid_tf.models.pooling import MaxPooling2D, MaxPoolWithIndices, MaxUnpool
 
 

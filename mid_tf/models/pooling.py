@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from mid_tf.models import xla_kernels
+from mid_tf.kernels import xla
 
 
 @tf.custom_gradient
@@ -25,11 +25,11 @@ def _upsample2x_tf(x):
     """Nearest-neighbour 2x upsampling with a pooling-op gradient.
 
     The autodiff gradient of the broadcast formulation is a reduce_sum over two interleaved axes of
-    a [B,h,2,w,2,C] tensor, which was the slowest op of the MID meta update on CPU (136 ms vs 20 ms
-    for `4 * avg_pool` at 1280x28x28x32: the same sums, exactly). Both ops have gradients, so second
-    order (the exact MID meta step) still differentiates through it."""
+    a [B,h,2,w,2,C] tensor, which was the slowest op of the MID meta update on CPU; `4 * avg_pool`
+    computes the same sums, exactly, much faster (docs/performance.md). Both ops have gradients, so
+    second order (the exact MID meta step) still differentiates through it."""
     h, w = x.shape[1], x.shape[2]
-    # half_pixel_centers nearest resize at exactly 2x: out[i] = in[i // 2] (1.5x faster than broadcast).
+    # half_pixel_centers nearest resize at exactly 2x: out[i] = in[i // 2] (faster than a broadcast).
     y = tf.image.resize(x, (2 * h, 2 * w), method="nearest")
 
     def grad(dy):
@@ -49,15 +49,16 @@ def upsample2x(x):
 @keras.saving.register_keras_serializable(package="mid_tf")
 class MaxPooling2D(keras.layers.MaxPooling2D):
     """keras.layers.MaxPooling2D whose 2x2/stride-2 case on even H, W has the compiled, bit-identical
-    gradient of `xla_kernels.max_pool_2x2` (3x faster than MaxPoolGrad on CPU); otherwise stock. The
-    class keeps the stock name, like fast_conv's layers, so saved models and weights files match."""
+    gradient of `kernels.xla.max_pool_2x2` when the compiled kernels are on; otherwise stock. The
+    class keeps the stock name, like kernels/fast_conv.py's layers, so saved models and weights files
+    match."""
 
     def call(self, inputs):
         _, h, w, _ = inputs.shape
-        if (xla_kernels.enabled() and tuple(self.pool_size) == (2, 2) and tuple(self.strides) == (2, 2)
+        if (xla.enabled() and tuple(self.pool_size) == (2, 2) and tuple(self.strides) == (2, 2)
                 and self.padding == "valid" and self.data_format == "channels_last"
                 and h is not None and w is not None and h % 2 == 0 and w % 2 == 0):
-            return xla_kernels.max_pool_2x2(inputs)
+            return xla.max_pool_2x2(inputs)
         return super().call(inputs)
 
 
@@ -73,9 +74,9 @@ class MaxPoolWithIndices(keras.layers.Layer):
         _, h, w, _ = x.shape
         if h % 2 or w % 2:
             raise ValueError(f"MaxPoolWithIndices needs even spatial dims, got {h}x{w}")
-        if xla_kernels.enabled():
-            pooled = xla_kernels.max_pool_2x2(x)
-            return pooled, xla_kernels.tie_switches(x, pooled)
+        if xla.enabled():
+            pooled = xla.max_pool_2x2(x)
+            return pooled, xla.tie_switches(x, pooled)
         pooled = ops.max_pool(x, pool_size=2, strides=2, padding="valid")
         switches = ops.stop_gradient(ops.cast(ops.equal(x, upsample2x(pooled)), x.dtype))
         return pooled, switches
@@ -89,6 +90,6 @@ class MaxUnpool(keras.layers.Layer):
         return keras.KerasTensor(switches.shape, dtype=x.dtype)
 
     def call(self, x, switches):
-        if xla_kernels.enabled():
-            return xla_kernels.unpool(x, ops.stop_gradient(switches))
+        if xla.enabled():
+            return xla.unpool(x, ops.stop_gradient(switches))
         return upsample2x(x) * switches

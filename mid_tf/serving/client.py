@@ -5,14 +5,14 @@
   python -m mid_tf.serving.client --metadata            # what the server serves (gRPC GetModelMetadata)
 
 This is the client side: it imports nothing from the rest of mid_tf, only TensorFlow Serving's API
-protos (gRPC), or nothing beyond the standard library and NumPy for REST with encoded images. Every
+protos (gRPC), or nothing beyond the standard library, NumPy and absl (its flags) for REST with
+encoded images. Every
 failure is one line naming the likely fix (`ServingError`), because a stack trace from grpc tells a
 user nothing about a wrong model name or a server that is not running.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+from absl import flags
 
 # CLI signature name -> (SavedModel signature key, input tensor name, outputs in display order)
 SIGNATURES = {
@@ -298,26 +299,38 @@ class RestClient:
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mid_tf.serving.client", description=__doc__.split("\n\n")[0])
-    p.add_argument("--server", default=None, help="host:port (default localhost:8500, or localhost:8501 with --rest)")
-    p.add_argument("--model_name", default="mid_mnist", help="model name as in models.config (default mid_mnist)")
-    p.add_argument("--signature", choices=sorted(SIGNATURES), default="classify",
-                   help="classify (serving_default), regenerate, or classify_encoded (PNG/JPEG bytes)")
-    p.add_argument("--inputs", nargs="+", default=[], help=".npy arrays [N,H,W(,C)], image files, or directories")
-    version = p.add_mutually_exclusive_group()
-    version.add_argument("--model_version", type=int, default=None, help="serve this version (default: latest)")
-    version.add_argument("--version_label", default=None, help="serve the version with this label (models.config)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
-    p.add_argument("--max_message_mb", type=int, default=64, help="gRPC max send/receive message size in MiB")
-    p.add_argument("--batch_size", type=int, default=64, help="images per request (default 64)")
-    p.add_argument("--channels", type=int, default=0, help="decode images to this many channels (0: as stored)")
-    p.add_argument("--tls_ca", default=None, help="PEM CA bundle: use TLS (gRPC ssl_channel_credentials / https)")
-    p.add_argument("--rest", action="store_true", help="use the REST API (port 8501) instead of gRPC")
-    p.add_argument("--metadata", action="store_true", help="print the served signatures (GetModelMetadata) and exit")
-    p.add_argument("--output", default=None, help="write outputs: .npz (all outputs) or .npy (probabilities, or "
-                   "the regenerated images)")
-    return p
+PROG = "python -m mid_tf.serving.client"
+
+
+def flag_values() -> flags.FlagValues:
+    """The CLI's absl flags, in a FlagValues of their own: `main(argv)` is also a library call, so it
+    must neither read nor collide with the flags of the program that calls it."""
+    fv = flags.FlagValues()
+    s, i, f, b = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float, flags.DEFINE_bool
+    s("server", None, "host:port (default localhost:8500, or localhost:8501 with --rest)", flag_values=fv)
+    s("model_name", "mid_mnist", "model name as in models.config", flag_values=fv)
+    flags.DEFINE_enum("signature", "classify", sorted(SIGNATURES), "classify (serving_default), regenerate, or "
+                      "classify_encoded (PNG/JPEG bytes)", flag_values=fv)
+    flags.DEFINE_multi_string("inputs", [], ".npy arrays [N,H,W(,C)], image files, or directories (repeat the flag, "
+                              "or list more after it)", flag_values=fv)
+    i("model_version", None, "serve this version (default: latest)", flag_values=fv)
+    s("version_label", None, "serve the version with this label (models.config)", flag_values=fv)
+    flags.mark_flags_as_mutual_exclusive(["model_version", "version_label"], flag_values=fv)
+    f("timeout", 10.0, "seconds per request", flag_values=fv)
+    i("max_message_mb", 64, "gRPC max send/receive message size in MiB", flag_values=fv)
+    i("batch_size", 64, "images per request", flag_values=fv)
+    i("channels", 0, "decode images to this many channels (0: as stored)", flag_values=fv)
+    s("tls_ca", None, "PEM CA bundle: use TLS (gRPC ssl_channel_credentials / https)", flag_values=fv)
+    b("rest", False, "use the REST API (port 8501) instead of gRPC", flag_values=fv)
+    b("metadata", False, "print the served signatures (GetModelMetadata) and exit", flag_values=fv)
+    s("output", None, "write outputs: .npz (all outputs) or .npy (probabilities, or the regenerated images)",
+      flag_values=fv)
+    return fv
+
+
+def usage(fv: flags.FlagValues) -> str:
+    summary = __doc__.split("\n\n")[0]
+    return f"{summary}\n\nusage: {PROG} [flags] [more inputs]\n\n{fv.get_help(include_special_flags=False)}"
 
 
 def _write_output(path, signature, outputs):
@@ -327,7 +340,8 @@ def _write_output(path, signature, outputs):
         np.save(path, outputs["image" if signature == "regenerate" else "probabilities"])
 
 
-def run(args) -> int:
+def run(args, extra_inputs=()) -> int:
+    """The CLI's work for parsed flags `args`; `extra_inputs`: more input paths (positional arguments)."""
     if args.batch_size < 1 or args.timeout <= 0:
         raise ValueError("--batch_size must be >= 1 and --timeout > 0")
     server = args.server or ("localhost:8501" if args.rest else "localhost:8500")
@@ -337,9 +351,10 @@ def run(args) -> int:
         if args.metadata:
             print(format_metadata(client.metadata(args.model_name, args.model_version, args.version_label)))
             return 0
-        if not args.inputs:
+        paths = [*args.inputs, *extra_inputs]
+        if not paths:
             raise ValueError("nothing to send: pass --inputs (files or directories), or --metadata")
-        names, inputs = load_inputs(args.inputs, args.signature, args.channels)
+        names, inputs = load_inputs(paths, args.signature, args.channels)
         parts = [client.predict(args.model_name, args.signature, chunk, args.model_version, args.version_label)
                  for chunk in _batches(inputs, args.batch_size)]
     finally:
@@ -359,10 +374,17 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """The CLI: `argv` without the program name (default: sys.argv[1:]). Returns the exit status: 0, or
+    2 with one line `error: ...` on stderr (a bad flag, a bad input, or a failed request)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fv = flag_values()
+    if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv):
+        print(usage(fv))
+        return 0
     try:
-        return run(args)
-    except (ServingError, ValueError, OSError) as e:
+        positional = fv([PROG, *argv])[1:]
+        return run(fv, positional)
+    except (flags.Error, ServingError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

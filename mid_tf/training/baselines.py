@@ -9,14 +9,14 @@ random start, the CPU-sized version of Madry's 40 steps of 0.01) run with Clever
 compiled train_step; its seed is folded from the step, so a resumed run redraws the same starts.
 
 eps warm-up (`--baseline_eps_warmup_epochs`): at step t the attack runs in a ball of radius r·eps,
-r = min(1, (t+1)/warmup_steps). Started at full eps, PGD-AT with Adam 1e-3 stayed at chance (11%
-adversarial accuracy, loss 2.30 still 1.2 epochs in on MNIST, measured here): every adversarial is
-unrecognisable before the network has learned anything. The ramp is exact PGD with radius and step
-scaled by r, written as the unchanged attack on a rescaled input: the attack moves z in the full
-eps-ball around x and the network sees x + r·(z - x) = (1-r)·x + r·z. Sign steps are invariant to the
-positive factor r, so z's steps of eps_iter are steps of r·eps_iter on the input; the random start
-scales the same way, and (1-r)·x + r·z stays in [0, 1] (for pixels in (0, 0.3) the lower edge of the
-box is slightly tighter than clipping to 0 would be: r·z ≥ 0).
+r = min(1, (t+1)/warmup_steps) (attacks/warmup.py, shared with the MID pool). Started at full eps, PGD-AT
+stays at chance (docs/training.md): every adversarial is unrecognisable before the network has learned
+anything. The ramp is exact PGD with radius and step scaled by r, written as the unchanged attack on a
+rescaled input: the attack moves z in the full eps-ball around x and the network sees
+x + r·(z - x) = (1-r)·x + r·z. Sign steps are invariant to the positive factor r, so z's steps of
+eps_iter are steps of r·eps_iter on the input; the random start scales the same way, and
+(1-r)·x + r·z stays in [0, 1] (for pixels in (0, 0.3) the lower edge of the box is slightly tighter
+than clipping to 0 would be: r·z ≥ 0).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import contextlib
 import keras
 import tensorflow as tf
 
-from mid_tf.attacks import cleverhans_compat, get_spec, make_attack, warmup
-from mid_tf.attacks.cleverhans_compat import fold
+from mid_tf.attacks import get_spec, make_attack, warmup
+from mid_tf.attacks.seeds import fold, seeded_random_start
 
 BASELINES = ("pgd_at", "trades")
 
@@ -76,7 +76,7 @@ class AdversarialTraining(keras.Model):
         def kl_loss(labels, logits):  # CleverHans maximises loss_fn(labels=y, logits=f(x~)); y = clean logits
             return _kl_rows(labels, logits)
 
-        ctx = cleverhans_compat.seeded_random_start(seed) if s.rand_init else contextlib.nullcontext()
+        ctx = seeded_random_start(seed) if s.rand_init else contextlib.nullcontext()
         with ctx:
             adv = projected_gradient_descent(logits_fn, x, s.eps, s.eps_iter, s.nb_iter, s.norm, loss_fn=kl_loss,
                                              clip_min=0.0, clip_max=1.0, y=clean_logits, rand_init=True,

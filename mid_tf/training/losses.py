@@ -1,4 +1,4 @@
-"""MID's multi-consistency distillation loss (mid-method.md §1.4, corrected per §1.5).
+"""MID's multi-consistency distillation loss (docs/method.md §Stage 2; the official code's CC target fixed).
 
 For adversarial inputs x~ with clean counterparts x and labels y, student features f = E_s(x~):
 
@@ -20,6 +20,8 @@ import dataclasses
 
 import tensorflow as tf
 
+from mid_tf.config import KL_REDUCTIONS
+
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
@@ -27,17 +29,10 @@ class LossWeights:
     ac: float = 1.5   # adversarial (feature) consistency
     cc: float = 0.8   # cyclic consistency
 
-    def validate(self, flag: str) -> None:
-        if min(self.lc, self.ac, self.cc) < 0 or max(self.lc, self.ac, self.cc) == 0:
-            raise ValueError(f"{flag}: loss weights must be >= 0 and not all zero, got {self}")
-
 
 def _loss_dtype(t):
     """bfloat16/float16 activations (mixed precision) -> float32; float32/float64 unchanged."""
     return tf.cast(t, tf.float32) if t.dtype in (tf.bfloat16, tf.float16) else t
-
-
-KL_REDUCTIONS = ("elementwise_mean", "distribution_mean")
 
 
 def kl_divergence(teacher_logits, student_logits, axis: int = -1, reduction: str = "elementwise_mean"):

@@ -9,32 +9,31 @@ import numpy as np
 
 from mid_tf.attacks import make_attack
 from mid_tf.attacks.pool import AttackPool
-from mid_tf.config import MIDStageConfig
+from mid_tf.config import ConfigError, MIDStageConfig
 from mid_tf.data import Split, steps_per_epoch, train_stream
 from mid_tf.models import MIDModels
-from mid_tf.training.callbacks import AttackValidation
-from mid_tf.training.losses import LossWeights
-from mid_tf.training.meta import MetaConfig, MetaInvarianceDefense
 from mid_tf.training.attack_cache import AttackCache, crafting_order
+from mid_tf.training.callbacks import AttackValidation
+from mid_tf.training.meta import MetaInvarianceDefense
 from mid_tf.training.resumable import fit_resumable, latest_step
 
 
-def meta_config(cfg: MIDStageConfig, steps_per_epoch: int = 0) -> MetaConfig:
-    """The meta-learner's config; `steps_per_epoch` turns --mid_eps_warmup_epochs into optimizer steps."""
-    warmup = int(round(cfg.eps_warmup_epochs * steps_per_epoch))
-    if cfg.eps_warmup_epochs and not warmup:
-        raise ValueError("--mid_eps_warmup_epochs needs the steps per epoch (meta_config(cfg, steps_per_epoch))")
-    return MetaConfig(alpha=cfg.alpha, beta=cfg.beta, meta_order=cfg.meta_order,
-                      train_weights=LossWeights(*cfg.train_weights), test_weights=LossWeights(*cfg.test_weights),
-                      softmax_axis=cfg.softmax_axis, kl_reduction=cfg.kl_reduction, attack_source=cfg.attack_source,
-                      sync_inner_gradient=cfg.sync_inner_gradient, eps_warmup_steps=warmup)
+def eps_warmup_steps(cfg: MIDStageConfig, steps_per_epoch: int) -> int:
+    """`cfg.eps_warmup_epochs` in optimizer steps (0: no warm-up)."""
+    steps = int(round(cfg.eps_warmup_epochs * steps_per_epoch))
+    if cfg.eps_warmup_epochs and not steps:
+        raise ConfigError("mid.eps_warmup_epochs",
+                          "needs the steps per epoch: build_mid(..., steps_per_epoch=N), N > 0")
+    return steps
 
 
 def build_mid(models: MIDModels, cfg: MIDStageConfig, seed: int, steps_per_epoch: int = 0) -> MetaInvarianceDefense:
-    pool = AttackPool(cfg.pool, seed=seed, num_meta_train=cfg.num_meta_train)
+    """The meta-learner of `cfg`, its pool seeded by `seed` (its eps warm-up counted in `steps_per_epoch`)."""
+    pool = AttackPool(cfg.pool, seed=seed, num_meta_train=cfg.num_meta_train,
+                      eps_warmup_steps=eps_warmup_steps(cfg, steps_per_epoch))
     return MetaInvarianceDefense(student_encoder=models.student_encoder, teacher_encoder=models.teacher_encoder,
                                  decoder=models.decoder, classifier=models.classifier, target=models.target,
-                                 pool=pool, config=meta_config(cfg, steps_per_epoch), name="mid",
+                                 pool=pool, config=cfg, name="mid",
                                  student_classifier=models.student_classifier if cfg.train_head else None)
 
 

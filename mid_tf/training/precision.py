@@ -1,5 +1,5 @@
-"""Mixed precision for training (MID stage, and stage 1 with --stage1_precision): bfloat16 compute,
-float32 weights, float32 losses.
+"""Mixed precision for training (MID stage, and stage 1 on request): bfloat16 compute, float32
+weights, float32 losses.
 
 Keras applies a dtype policy when a layer is *built*, and every network here is built once, in
 float32, for all stages. `mixed_twin` therefore builds a second set of the same networks under the
@@ -7,16 +7,14 @@ policy and copies the weights in (mixed-precision variables stay float32, so the
 MID stage trains the twin; `copy_back` puts the trained networks into the float32 networks,
 which are the ones saved, exported and evaluated: evaluation attacks always run in float32.
 
-Why: on CPUs with AVX512_BF16/AMX the MID step runs ~1.65x faster in bfloat16 (0.45 s vs 0.75 s per
-first-order step at batch 256, benchmarks/train_step.py). Losses are computed in float32
-(training/losses.py), and the pool's attacks crafted by a bfloat16 target succeed within 1 point of
-float32 ones (benchmarks/train_step.py prints both). On CPUs without native bfloat16 it still runs,
-slower than float32.
+Why: on CPUs with AVX512_BF16/AMX the MID step runs faster in bfloat16 (benchmarks/train_step.py;
+docs/performance.md). Losses are computed in float32 (training/losses.py), and the pool's attacks
+crafted by a bfloat16 target succeed about as often as float32 ones (benchmarks/train_step.py prints
+both). On CPUs without native bfloat16 it still runs, but TensorFlow emulates bfloat16 and a step is
+several times slower than in float32.
 
-`auto` (the flagfiles' choice) picks bfloat16 only where it is native: a CPU that lists AVX512_BF16 or
-AMX-BF16 in /proc/cpuinfo, or a GPU of compute capability >= 8.0; float32 everywhere else. Measured on
-a 2-core AMD EPYC without AVX512 (Zen 3), one training step of the LeNet target at batch 256 took 1.22 s
-in mixed_bfloat16 (emulated) against 0.18 s in float32: 6.9x slower.
+`auto` (the flagfiles' choice) therefore picks bfloat16 only where it is native: a CPU that lists
+AVX512_BF16 or AMX-BF16 in /proc/cpuinfo, or a GPU of compute capability >= 8.0; float32 everywhere else.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ from mid_tf.hardware import cpu_flags
 from mid_tf.models import MIDModels, build_models
 
 PRECISIONS = ("float32", "mixed_bfloat16")
-REQUESTABLE = ("auto", *PRECISIONS)   # what the --*_precision flags accept
+REQUESTABLE = ("auto", *PRECISIONS)   # what a run configuration may ask for
 
 
 def native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool, str]:
@@ -71,7 +69,7 @@ def dtype_policy(name: str):
 def mixed_twin(models: MIDModels, dataset: str, width: float, precision: str) -> MIDModels:
     """The same networks built under `precision`, with `models`' weights. float32: `models` itself."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--mid_precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "float32":
         return models
     with dtype_policy(precision):

@@ -1,42 +1,39 @@
-"""Small XLA-compiled kernels for the LeNet hot path on CPU, and the switch that turns them off.
+"""Small XLA-compiled kernels for the LeNet hot path on CPU, and the switch that picks them.
 
-Why: on a 2-core AVX2 CPU (Zen 3 EPYC, no AVX-512) a PGD step on the LeNet target at batch 256 spent
-~41 of its ~137 ms in TF's `MaxPoolGrad` and ~18 ms in the 1-channel first convolution, which oneDNN
-runs at ~6 GFLOP/s. Both are memory-bound elementwise work that XLA fuses into one pass over the
-data, so each is an `tf.function(jit_compile=True)` that the surrounding (non-XLA) graph calls:
+Why: on CPUs without AVX-512, TF's `MaxPoolGrad` and the 1-channel first convolution (which oneDNN
+runs far below the matmul rate) dominate an attack step on the LeNet target. Both are memory-bound
+elementwise work that XLA fuses into one pass over the data, so each is a
+`tf.function(jit_compile=True)` that the surrounding (non-XLA) graph calls:
 
 * `max_pool_2x2(x)`: 2x2/stride-2 max pooling whose forward pass also records each window's
   argmax (int8) and whose gradient routes dy there in one fused write. The argmax is the *first*
   maximum in row-major order, TF's tie rule, so values and gradients are bit-identical to MaxPool /
   `MaxPoolGrad` (ties are everywhere: a constant MNIST background gives equal conv outputs).
-  Measured at batch 256 on that CPU, forward + gradient: 22.8 vs 43.3 ms at 28x28x32, 5.2 vs
-  14.2 ms at 14x14x64.
 * `conv_one_channel(x, kernel)`: SAME stride-1 convolution of a 1-channel image as kh*kw shifted,
-  scaled copies summed in one fused loop: 5.6 vs 21.8 ms at 28x28 -> 32 channels. Same maths, a
-  different summation order (float32 round-off, ~5e-7 absolute on [0, 1] images).
+  scaled copies summed in one fused loop. Same maths, a different summation order (float32
+  round-off on [0, 1] images).
+* `tie_switches` / `unpool`: the encoder's unpooling switches and the decoder's max-unpooling as
+  single passes (same values).
 
 Their gradients are custom-gradient ops too (pooling: routing and gathering at the argmax, each the
 other's transpose; convolution: see fast_conv.py), so the second-order MID meta step differentiates
-them without a tape recording the compiled functions' full-resolution intermediates (that had made
-the exact meta update 1.4x slower).
+them without a tape recording the compiled functions' full-resolution intermediates.
 
-Where they pay off depends on the CPU, so by default (`MID_TF_XLA_KERNELS=auto`) they are used only
-where oneDNN lacks AVX-512 (`avx512f` not in /proc/cpuinfo). Measured: on the Zen 3 above they cut
-the PGD step as described; on an AVX-512 AMD EPYC (CPU family 26, AVX512_BF16) oneDNN's own pooling
-and convolution were faster: the official pool's attack loop at batch 256 ran at 56% of the float32
-matmul peak with the stock kernels against 51% with these (benchmarks/train_step.py, `stock` row).
-`MID_TF_XLA_KERNELS=1` forces them on, `0` off (debugging, or a platform whose XLA misbehaves).
+Where they pay off depends on the CPU: with AVX-512, oneDNN's own pooling and convolution were
+measured faster (docs/performance.md). `configure(mode)` sets the choice for the process:
+`auto` (the default) uses them only where the CPU lacks AVX-512 (`avx512f` not in /proc/cpuinfo),
+`on` forces them, `off` turns them off (debugging, or a platform whose XLA misbehaves). The apps
+call it from their `--xla_kernels` flag.
 
 `stock_ops()` makes the layers trace TF's stock ops whatever the setting. The SavedModel export uses
 it: the served graph then holds only standard kernels (no `_XlaMustCompile` functions for TF Serving
-to JIT).
+to JIT). `compiled_ops()` forces the compiled ones within a block (benchmarks compare both).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 
 import keras
@@ -44,13 +41,30 @@ import tensorflow as tf
 
 from mid_tf import hardware
 
+MODES = ("auto", "on", "off")
+_mode = "auto"
 _state = threading.local()
-ENV = "MID_TF_XLA_KERNELS"
-SETTINGS = ("auto", "1", "0")
+
+
+def configure(mode: str) -> str:
+    """Sets which kernels layers trace from now on in this process: auto | on | off. Returns the
+    previous mode (so a caller can restore it). Layers read the choice when they are traced."""
+    global _mode
+    value = str(mode).strip().lower()
+    if value not in MODES:
+        raise ValueError(f"xla kernels mode {mode!r} is not valid: use auto (compiled kernels only on CPUs "
+                         "without AVX-512), on (always) or off (never)")
+    previous, _mode = _mode, value
+    return previous
+
+
+def mode() -> str:
+    """The mode set by `configure` (auto until then)."""
+    return _mode
 
 
 def auto_choice(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool, str]:
-    """(use the compiled kernels, why) for `MID_TF_XLA_KERNELS=auto`: on unless the CPU has AVX-512."""
+    """(use the compiled kernels, why) for mode `auto`: on unless the CPU has AVX-512."""
     if "avx512f" in hardware.cpu_flags(cpuinfo):
         return False, "the CPU has AVX-512: oneDNN's stock pooling and convolution measured faster there"
     return True, "no AVX-512 on this CPU: the compiled pooling and 1-channel convolution measured faster"
@@ -61,36 +75,26 @@ def _auto() -> bool:
     return auto_choice()[0]
 
 
-def setting() -> str:
-    value = os.environ.get(ENV, "auto").strip().lower()
-    if value not in SETTINGS:
-        raise ValueError(f"{ENV}={value!r} is not a valid setting: use auto (the default: compiled kernels "
-                         "only on CPUs without AVX-512), 1 (always) or 0 (never)")
-    return value
-
-
 def enabled() -> bool:
     """True when layers should use these kernels (read at trace time)."""
     if getattr(_state, "stock_depth", 0) > 0 or keras.backend.backend() != "tensorflow":
         return False
     if getattr(_state, "compiled_depth", 0) > 0:
         return True
-    value = setting()
-    return value == "1" or (value == "auto" and _auto())
+    return _mode == "on" or (_mode == "auto" and _auto())
 
 
 def describe() -> str:
     """One line for logs and benchmarks: which kernels layers trace here, and why."""
-    value = setting()
-    if value != "auto":
-        return f"compiled CPU kernels {'on' if value == '1' else 'off'} ({ENV}={value})"
+    if _mode != "auto":
+        return f"compiled CPU kernels {_mode} (xla kernels mode {_mode})"
     on, why = auto_choice()
-    return f"compiled CPU kernels {'on' if on else 'off'} ({ENV}=auto: {why})"
+    return f"compiled CPU kernels {'on' if on else 'off'} (xla kernels mode auto: {why})"
 
 
 @contextlib.contextmanager
 def compiled_ops():
-    """Within this block, layers trace the compiled kernels whatever the setting (benchmarks compare both);
+    """Within this block, layers trace the compiled kernels whatever the mode (benchmarks compare both);
     an enclosing or nested `stock_ops()` still wins."""
     _state.compiled_depth = getattr(_state, "compiled_depth", 0) + 1
     try:

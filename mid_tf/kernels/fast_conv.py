@@ -1,27 +1,27 @@
 """Drop-in Keras convolutions with a faster gradient for single-channel images (CPU hot path).
 
-Why: on this 2-core CPU the most expensive op of an attack step on the LeNet target is not a big
-convolution but the input gradient of the first one, `Conv2DBackpropInput` from 32 channels to the
-1-channel image (12.7 ms of a ~38 ms PGD step at batch 256: oneDNN runs that shape at ~9 GFLOP/s).
-Every attack step needs it, and so does the cyclic term of the MID loss, whose gradient crosses the
-teacher encoder's first convolution and whose forward pass runs the decoder's last transposed
-convolution (32 -> 1 channels: the same op). For a kernel with one image channel the op is
+Why: an attack step on the LeNet target is dominated not by a big convolution but by the input
+gradient of the first one, `Conv2DBackpropInput` from 32 channels to the 1-channel image, a shape
+oneDNN runs far below its matmul rate. Every attack step needs it, and so does the cyclic term of
+the MID loss, whose gradient crosses the teacher encoder's first convolution and whose forward pass
+runs the decoder's last transposed convolution (32 -> 1 channels: the same op). For a kernel with
+one image channel the op is
 
     dx[b, i, j] = sum_{u, v} M[b, i + kh-1-u - pt, j + kw-1-v - pl, (u, v)],   M = dy @ K^T
 
 a [B*H*W, C] x [C, kh*kw] matmul followed by kh*kw shifted adds of one-channel planes, which runs
-~2.3x faster (4.9 vs 11.4 ms for 32 channels at 28x28, batch 256). Same weights, same shapes, same
-maths (float round-off aside, ~1e-6 relative): only the op that computes it changes.
+faster (docs/performance.md). Same weights, same shapes, same maths (float round-off aside): only
+the op that computes it changes.
 
 * `Conv2D`: `keras.layers.Conv2D` whose gradient w.r.t. a 1-channel input uses the formula above;
-  its forward pass is `xla_kernels.conv_one_channel` (a fused XLA loop, ~4x oneDNN's speed for this
-  shape) and its kernel gradient TF's oneDNN op. Any other configuration is plain Conv2D.
+  its forward pass is `xla.conv_one_channel` (a fused XLA loop) when the compiled kernels are on,
+  and its kernel gradient TF's oneDNN op. Any other configuration is plain Conv2D.
 * `Conv2DTranspose`: `keras.layers.Conv2DTranspose` whose forward pass, when it produces one
   channel, is the formula above; its gradients are the forward conv (the same fused kernel) and the
   kernel-gradient op.
 
 Both gradients are built from differentiable TF ops, so second-order gradients (the exact MID meta
-step differentiates the loss's gradient) work; tests/test_models.py checks first and second order
+step differentiates the loss's gradient) work; tests/test_fast_ops.py checks first and second order
 against the stock layers. Weights are the stock layers' (same variables, same checkpoint layout); the
 classes keep the stock names on purpose: Keras names the entries of a `.weights.h5` file after the
 layer's class, so checkpoints written with `keras.layers.Conv2D` load into these and back.
@@ -32,7 +32,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from mid_tf.models import xla_kernels
+from mid_tf.kernels import xla
 
 
 def col2im_one_channel(dy, kernel):
@@ -44,7 +44,7 @@ def col2im_one_channel(dy, kernel):
     shape = tf.shape(dy)
     h, w = dy.shape[1], dy.shape[2]
     # M^T [kh*kw, B*H*W]: one contiguous plane per kernel tap (slicing a channel out of an NHWC
-    # tensor instead is a strided gather, 10% slower here).
+    # tensor instead is a strided gather, slower).
     m = tf.matmul(tf.reshape(kernel, [kh * kw, c]), tf.reshape(dy, [-1, c]), transpose_b=True)
     m = tf.reshape(m, tf.stack([kh * kw, shape[0], shape[1], shape[2]]))
     pt, pl = (kh - 1) // 2, (kw - 1) // 2  # padding before, as TF's SAME stride-1 convolution
@@ -58,17 +58,17 @@ def col2im_one_channel(dy, kernel):
     return out[..., None]
 
 
-_col2im_compiled = tf.function(col2im_one_channel, jit_compile=True)  # 12 -> 9 ms at 28x28x32, batch 256
+_col2im_compiled = tf.function(col2im_one_channel, jit_compile=True)  # the shifted adds fused in one pass
 
 
 def _col2im(dy, kernel):
-    return _col2im_compiled(dy, kernel) if xla_kernels.enabled() else col2im_one_channel(dy, kernel)
+    return _col2im_compiled(dy, kernel) if xla.enabled() else col2im_one_channel(dy, kernel)
 
 
 def _conv_one_channel(x, kernel):
-    """SAME stride-1 conv of a 1-channel x: the fused XLA kernel (xla_kernels.py), or oneDNN's conv."""
-    if xla_kernels.enabled():
-        return xla_kernels.conv_one_channel(x, kernel)
+    """SAME stride-1 conv of a 1-channel x: the fused XLA kernel (xla.py), or oneDNN's conv."""
+    if xla.enabled():
+        return xla.conv_one_channel(x, kernel)
     return tf.nn.conv2d(x, kernel, 1, "SAME")
 
 
@@ -77,28 +77,28 @@ def _filter_grad(x, kernel_shape, dy):
                                            strides=[1, 1, 1, 1], padding="SAME")
 
 
-@tf.custom_gradient
-def conv2d_one_channel(x, kernel):
-    """tf.nn.conv2d(x, kernel, 1, 'SAME') for a 1-channel x, with the fast input gradient."""
-    y = _conv_one_channel(x, kernel)
+def _one_channel_op(forward, adjoint, filter_grad):
+    """A SAME stride-1 one-channel convolution op, linear in its input, whose input gradient is its adjoint
+    op (`adjoint()`, the other op of the pair), called as a custom-gradient op so that a second-order tape
+    records one op with a known gradient, not the compiled kernel's intermediates."""
+    @tf.custom_gradient
+    def op(h, kernel):
+        def grad(dy):
+            return adjoint()(dy, kernel), filter_grad(h, dy, tf.shape(kernel))
+        return forward(h, kernel), grad
+    return op
 
-    def grad(dy):
-        # The input gradient is the op below, called as a custom-gradient op so that a second-order
-        # tape records one op with a known gradient, not the compiled kernel's intermediates.
-        return conv2d_transpose_one_channel(dy, kernel), _filter_grad(x, tf.shape(kernel), dy)
-    return y, grad
 
-
-@tf.custom_gradient
-def conv2d_transpose_one_channel(h, kernel):
-    """Keras' SAME stride-1 conv_transpose of h [B,H,W,C] to one channel (kernel [kh, kw, 1, C])."""
-    y = _col2im(h, kernel)
-
-    def grad(dy):
-        # y = conv_transpose(h, k) is the input gradient of conv(., k), so its gradients are that conv
-        # (w.r.t. h) and the filter gradient with the roles of input and output swapped (w.r.t. k).
-        return conv2d_one_channel(dy, kernel), _filter_grad(dy, tf.shape(kernel), h)
-    return y, grad
+# tf.nn.conv2d(x, kernel, 1, 'SAME') for a 1-channel x, with the fast input gradient.
+conv2d_one_channel = _one_channel_op(
+    _conv_one_channel, lambda: conv2d_transpose_one_channel,
+    lambda x, dy, shape: _filter_grad(x, shape, dy))
+# Keras' SAME stride-1 conv_transpose of h [B,H,W,C] to one channel (kernel [kh, kw, 1, C]). It is the input
+# gradient of conv(., k), so its gradients are that conv (w.r.t. h) and the filter gradient with the roles of
+# input and output swapped (w.r.t. k).
+conv2d_transpose_one_channel = _one_channel_op(
+    _col2im, lambda: conv2d_one_channel,
+    lambda h, dy, shape: _filter_grad(dy, shape, h))
 
 
 def _fast_ok(layer, in_channels) -> bool:

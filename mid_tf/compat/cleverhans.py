@@ -2,28 +2,37 @@
 
 CleverHans' last release predates Keras 3 and NumPy 2. Rather than vendoring its source, `apply()`
 monkeypatches module attributes and classes at run time (idempotent; nothing in site-packages is
-edited). What breaks and what we do about it (details: shared/notes/stack-probe.md, section 2):
+edited). Each patch, the upstream issue it works around, and what breaks without it
+(tests/test_compat.py checks, per patch, that unpatched CleverHans still breaks that way: when one of
+those tests fails, upstream has fixed it and the patch can go):
 
-1. sanity_checks: `assert np.all([tensor, tensor, bool])` fails on NumPy >= 1.24 (ragged list) and in
-   graph mode (symbolic tensor -> numpy). Our registry always passes `sanity_checks=False`; for other
+1. Sanity checks: upstream cleverhans-lab/cleverhans#1131. `assert np.all(asserts)` over a list
+   mixing tensors and Python bools fails on NumPy 2 (an inhomogeneous array) and, in graph mode,
+   converts a symbolic tensor to NumPy. Our registry always passes `sanity_checks=False`; for other
    callers the attack modules' `np` becomes a proxy whose `all()` checks items one by one eagerly and
    emits `tf.debugging` asserts inside `tf.function`.
-2. CW-L2 optimizer: Keras 3 `Optimizer.variables` is a list property, not a method, and CleverHans'
-   reset loop `for v in optimizer.variables(): v.assign(0)` would also zero Keras 3's `learning_rate`
-   variable -- a naive "make it callable" fix then silently returns the clean images. `CWAdam` exposes
-   a callable list *without* the learning rate, and `_attack` gets a fresh optimizer per batch (a
-   Keras 3 optimizer cannot be reused for the next batch's new `modifier` variable).
-3. CW-L2 const shape: upstream builds `const = tf.ones(x.shape) * c` (full image shape), which
-   broadcasts against the per-example [B] masks into [B,H,W,B]: the binary search over c is not per
-   example and costs O(B^2). The only `tf.ones` calls in that module are the two bound/const
+2. CW-L2 optimizer: no upstream issue found; symptom: `TypeError: 'list' object is not callable` at
+   `self.optimizer.variables()` (Keras 3 `Optimizer.variables` is a list property, not a method).
+   CleverHans' reset loop would also zero Keras 3's `learning_rate` variable, so a naive "make it
+   callable" fix silently returns the clean images. `CWAdam` exposes a callable list *without* the
+   learning rate, and `_attack` gets a fresh optimizer per batch (a Keras 3 optimizer cannot be
+   reused for the next batch's new `modifier` variable).
+3. CW-L2 const shape: upstream cleverhans-lab/cleverhans#1205. `const = tf.ones(shape) * c` has the
+   full image shape and broadcasts against the per-example [B] losses: multi-channel images fail
+   ("Dimensions must be equal"), 1-channel ones silently get a [B,H,W,B] binary search that is not
+   per example and costs O(B^2). The only `tf.ones` calls in that module are the two bound/const
    initialisers, so the module's `tf` becomes a proxy whose `ones(shape)` builds `shape[:1]`.
-4. SPSA: `SPSAAdam(tf.optimizers.Adam).__init__(lr=...)` is rejected by Keras 3. SPSAAdam only uses
+4. SPSA optimizer: no upstream issue found (cleverhans-lab/cleverhans#1022, "make sure SPSA works in
+   TF2", predates Keras 3); symptom: `ValueError: Argument(s) not recognized: {'lr': ...}` from
+   `SPSAAdam.__init__`, which passes `lr=` to Keras 3's Adam. SPSAAdam only uses
    lr/beta_1/beta_2/epsilon, so it is replaced by a plain class reusing CleverHans' methods, with an
    optional seeded `tf.random.Generator` for the SPSA directions (deterministic runs).
-5. Seeded random start: PGD draws its random start with unseeded `tf.random.uniform`. The module's
-   `random_lp_vector` is wrapped: inside `with seeded_random_start(seed):` it draws the same
-   distribution from stateless ops keyed by `seed` (a [2] int tensor), which works eagerly, inside
-   `tf.function` and per replica in `strategy.run` (the seed is thread-local, replicas are threads).
+5. PGD random start: no upstream issue found; symptom: the random start cannot be seeded
+   (`projected_gradient_descent` takes no seed and calls `random_lp_vector` without one, so it
+   draws from TF's global generator). The module's `random_lp_vector` is wrapped: inside
+   `with random_start(draw):` the start is `draw(shape, norm, eps, dtype)` instead
+   (attacks/seeds.py passes a stateless draw), which works eagerly, inside `tf.function` and per
+   replica in `strategy.run` (the override is thread-local, replicas are threads).
 """
 
 from __future__ import annotations
@@ -37,66 +46,32 @@ import tensorflow as tf
 
 _STATE = threading.local()
 _APPLIED = False
+_ORIG: dict = {}
 
 
-# ---------------------------------------------------------------- seeds and the random start
-def as_seed(seed) -> tf.Tensor | None:
-    """None -> None; int / scalar -> [seed, 0]; [2] tensor -> as is. Returns an int64 [2] tensor."""
-    if seed is None:
-        return None
-    s = tf.cast(tf.convert_to_tensor(seed), tf.int64)
-    if s.shape.rank == 0:
-        s = tf.stack([s, tf.constant(0, tf.int64)])
-    return s
-
-
-def fold(seed, *data) -> tf.Tensor:
-    """Derives an independent stateless seed from `seed` and integers `data` (graph-safe)."""
-    s = as_seed(seed)
-    for d in data:
-        s = tf.random.experimental.stateless_fold_in(s, tf.cast(d, tf.int64))
-    return s
-
-
-def seeded_lp_vector(shape, norm, eps, seed, dtype=tf.float32) -> tf.Tensor:
-    """Uniform sample from the L-inf or L2 ball of radius eps (CleverHans' distribution), stateless."""
-    seed = as_seed(seed)
-    eps = tf.cast(eps, dtype)
-    if norm == np.inf:
-        return tf.random.stateless_uniform(shape, seed, -eps, eps, dtype=dtype)
-    if norm != 2:
-        raise ValueError(f"seeded random start supports norm inf or 2, got {norm}")
-    shape = tf.convert_to_tensor(shape)
-    dim = tf.reduce_prod(shape[1:])
-    x = tf.random.stateless_normal(tf.stack([shape[0], dim]), fold(seed, 1), dtype=dtype)
-    nrm = tf.sqrt(tf.reduce_sum(tf.square(x), axis=-1, keepdims=True))
-    w = tf.pow(tf.random.stateless_uniform(tf.stack([shape[0], 1]), fold(seed, 2), dtype=dtype),
-               1.0 / tf.cast(dim, dtype))
-    return eps * tf.reshape(w * x / nrm, shape)
-
-
+# ---------------------------------------------------------------- 5. PGD random start
 @contextlib.contextmanager
-def seeded_random_start(seed):
-    """Within the block, CleverHans PGD's random start is drawn statelessly from `seed`."""
-    prev = getattr(_STATE, "seed", None)
-    _STATE.seed = as_seed(seed)
+def random_start(draw):
+    """Within the block (this thread), CleverHans PGD's random start is `draw(shape, norm, eps, dtype)`."""
+    prev = getattr(_STATE, "draw", None)
+    _STATE.draw = draw
     try:
         yield
     finally:
-        _STATE.seed = prev
+        _STATE.draw = prev
 
 
 def _wrap_random_lp_vector(orig):
     def random_lp_vector(shape, ord, eps, dtype=tf.float32, seed=None):  # noqa: A002 (CH's name)
-        s = getattr(_STATE, "seed", None)
-        if s is None:
+        draw = getattr(_STATE, "draw", None)
+        if draw is None:
             return orig(shape, ord, eps, dtype=dtype, seed=seed)
-        return seeded_lp_vector(shape, ord, eps, s, dtype=dtype)
+        return draw(shape, ord, eps, dtype)
     random_lp_vector._mid_wrapped = True
     return random_lp_vector
 
 
-# ---------------------------------------------------------------- sanity checks (NumPy 2)
+# ---------------------------------------------------------------- 1. sanity checks (NumPy 2)
 class _NPProxy:
     """`numpy` with an `all()` that accepts lists mixing tensors and bools, eager or symbolic."""
 
@@ -116,7 +91,7 @@ class _NPProxy:
         return np.all(a, *args, **kw)
 
 
-# ---------------------------------------------------------------- CW-L2
+# ---------------------------------------------------------------- 2. and 3. CW-L2
 class _CallableList(list):
     def __call__(self):
         return self
@@ -142,7 +117,26 @@ class _CWTensorFlowProxy:
         return tf.ones(tf.TensorShape(shape)[:1], dtype=dtype, name=name)
 
 
-# ---------------------------------------------------------------- SPSA
+def _patch_cw(carlini_wagner_l2) -> None:
+    cw_cls = carlini_wagner_l2.CarliniWagnerL2
+    if getattr(cw_cls, "_mid_keras3_patched", False):
+        return
+    orig_init, orig_attack = cw_cls.__init__, cw_cls._attack
+
+    def __init__(self, *a, **kw):
+        orig_init(self, *a, **kw)
+        self.optimizer = CWAdam(self.learning_rate)
+
+    def _attack(self, x):
+        self.optimizer = CWAdam(self.learning_rate)  # fresh per batch (new `modifier` variable)
+        return orig_attack(self, x)
+
+    cw_cls.__init__, cw_cls._attack = __init__, _attack
+    cw_cls._mid_keras3_patched = True
+    carlini_wagner_l2.tf = _CWTensorFlowProxy()
+
+
+# ---------------------------------------------------------------- 4. SPSA
 class SPSAAdamPlain:
     """Drop-in for CleverHans' SPSAAdam without the Keras optimizer base class (Keras 3 rejects
     `lr=`). Methods `_compute_gradients/_apply_gradients/init_state/minimize` are CleverHans' own;
@@ -166,7 +160,14 @@ class SPSAAdamPlain:
         return delta * tf.sign(self._rng.uniform(shape, minval=-1.0, maxval=1.0, dtype=tf.float32))
 
 
-_ORIG: dict = {}
+def _patch_spsa(spsa) -> None:
+    if spsa.SPSAAdam is SPSAAdamPlain:
+        return
+    orig = spsa.SPSAAdam
+    _ORIG["spsa_get_delta"] = orig._get_delta
+    for name in ("_compute_gradients", "_apply_gradients", "init_state", "minimize"):
+        setattr(SPSAAdamPlain, name, getattr(orig, name))
+    spsa.SPSAAdam = SPSAAdamPlain
 
 
 def apply() -> None:
@@ -182,31 +183,9 @@ def apply() -> None:
               basic_iterative_method, madry_et_al):
         if hasattr(m, "np"):
             m.np = _NPProxy()
-
     if not getattr(projected_gradient_descent.random_lp_vector, "_mid_wrapped", False):
         projected_gradient_descent.random_lp_vector = _wrap_random_lp_vector(
             projected_gradient_descent.random_lp_vector)
-
-    cw_cls = carlini_wagner_l2.CarliniWagnerL2
-    if not getattr(cw_cls, "_mid_keras3_patched", False):
-        orig_init, orig_attack = cw_cls.__init__, cw_cls._attack
-
-        def __init__(self, *a, **kw):
-            orig_init(self, *a, **kw)
-            self.optimizer = CWAdam(self.learning_rate)
-
-        def _attack(self, x):
-            self.optimizer = CWAdam(self.learning_rate)  # fresh per batch (new `modifier` variable)
-            return orig_attack(self, x)
-
-        cw_cls.__init__, cw_cls._attack = __init__, _attack
-        cw_cls._mid_keras3_patched = True
-        carlini_wagner_l2.tf = _CWTensorFlowProxy()
-
-    if spsa.SPSAAdam is not SPSAAdamPlain:
-        orig = spsa.SPSAAdam
-        _ORIG["spsa_get_delta"] = orig._get_delta
-        for name in ("_compute_gradients", "_apply_gradients", "init_state", "minimize"):
-            setattr(SPSAAdamPlain, name, getattr(orig, name))
-        spsa.SPSAAdam = SPSAAdamPlain
+    _patch_cw(carlini_wagner_l2)
+    _patch_spsa(spsa)
     _APPLIED = True

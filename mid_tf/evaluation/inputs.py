@@ -1,0 +1,48 @@
+"""What a robustness report is about: `ReportInput`, the one argument of `report.build_report`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReportInput:
+    """The models, the test images and the attacks of one report.
+
+    models            name -> Keras model or logits function; must include `target`
+    x, y              test images (uint8 0..255 or float 0..1) and their labels
+    attacks           transfer attacks (crafted once on `target`, classified by every model)
+    whitebox_attacks  attacks crafted on each model itself (None: the same as `attacks`)
+    pool              the MID training pool (names or the pool string's names): known vs unknown
+    regenerator       x -> D_t(E_s(x)) for the regeneration metrics and the image grids (optional)
+    slow_examples     images for the eager-only attacks (CW, SPSA, ART's)
+    eps_sweep         eps values of the white-box `sweep_attack` sanity sweep (empty: no sweep)
+    dataset, config   recorded in the report as they are
+    grid_attacks      base names of the transfer attacks whose clean | adversarial | regenerated
+                      grid of `grid_images` images is drawn
+    """
+    models: Mapping[str, Any]
+    x: np.ndarray
+    y: np.ndarray
+    attacks: Sequence[str]
+    whitebox_attacks: Sequence[str] | None = None
+    pool: Sequence[str] = ()
+    target: str = "target"
+    regenerator: Callable | None = None
+    slow_examples: int = 1000
+    seed: int = 0
+    eps_sweep: Sequence[float] = (0.1, 0.2, 0.3, 1.0)
+    sweep_attack: str = "pgd40"
+    dataset: str = "mnist"
+    config: Mapping[str, Any] | None = None
+    batch_size: int = 500
+    grid_attacks: Sequence[str] = ()
+    grid_images: int = 8
+
+    @property
+    def whitebox(self) -> list[str]:
+        """The white-box attacks (`attacks` when none are given)."""
+        return list(self.attacks if self.whitebox_attacks is None else self.whitebox_attacks)

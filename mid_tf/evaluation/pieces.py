@@ -1,0 +1,196 @@
+"""The pieces of a robustness report: what each one crafts and where its numbers go.
+
+A report is a list of independent pieces (evaluation/scheduler.py runs them, evaluation/memo.py keeps
+the finished ones):
+  transfer   one attack crafted once on the target, its adversarials classified by every model, plus
+             the regeneration quality D_t(E_s(x~)) against x and, for `grid_attacks`, an image grid
+  whitebox   one attack crafted end to end on one model, classified by that model; on the target it
+             is the transfer piece's number (same adversarials, same source), so it is not crafted twice
+  checks     one model's zero-gradient fraction and white-box eps sweep (the sanity checks' numbers)
+Eager-only attacks (CW, SPSA, ART's AutoAttack, DeepFool, Square, spatial, JSMA) run on the first
+`slow_examples` images; `attacks[name]["examples"]` records each attack's count.
+
+A piece's memo key holds everything its numbers depend on: the attack spec, the example count, the
+seed and the fingerprints of the models and images involved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from mid_tf.attacks import get_spec
+from mid_tf.evaluation.inputs import ReportInput
+from mid_tf.evaluation.memo import ReportMemo, fingerprint
+from mid_tf.evaluation.robustness import accuracy, craft
+from mid_tf.evaluation.sanity import attack_group, base_name, zero_gradient_fraction
+from mid_tf.evaluation.scheduler import Piece
+
+CHECK_EXAMPLES = 1000  # images of the zero-gradient check and the eps sweep
+
+
+@dataclasses.dataclass
+class Workbench:
+    """What every piece reads (the input, its images as float32, its models as logits functions, the
+    fingerprints that key the memo) and what the pieces fill (the report dict, the image grids)."""
+    spec: ReportInput
+    x: np.ndarray
+    y: np.ndarray
+    fns: dict
+    fps: dict
+    regen_fn: Callable | None
+    regen_fp: str
+    progress: bool
+    report: dict = dataclasses.field(default_factory=dict)
+    grids: dict = dataclasses.field(default_factory=dict)
+    shared_with_transfer: list = dataclasses.field(default_factory=list)  # white-box on the target = transfer
+
+
+def as_fn(model):
+    """A Keras model as a logits function in inference mode; anything else as it is."""
+    import keras
+    if isinstance(model, keras.Model):
+        return lambda z, _m=model: _m(z, training=False)
+    return model
+
+
+def open_workbench(spec: ReportInput, progress: bool) -> Workbench:
+    x = spec.x.astype(np.float32) / 255.0 if spec.x.dtype == np.uint8 else spec.x.astype(np.float32)
+    y = np.asarray(spec.y).astype(np.int64)
+    fns = {m: as_fn(f) for m, f in spec.models.items()}
+    if spec.target not in fns:
+        raise ValueError(f"models must include the transfer source '{spec.target}'")
+    fps = {m: fingerprint(f) for m, f in spec.models.items()}
+    fps["data"] = hashlib.sha1(x.tobytes() + y.tobytes()).hexdigest()  # same images, same labels
+    regen = spec.regenerator
+    return Workbench(spec, x, y, fns, fps, regen_fn=as_fn(regen) if regen is not None else None,
+                     regen_fp=fingerprint(regen) if regen is not None else "none", progress=progress)
+
+
+def plan(bench: Workbench) -> list[Piece]:
+    """Every piece of the report, in order: transfer attacks, white-box attacks per model, checks per
+    model; each leaves a None placeholder in the report where its numbers will go."""
+    pieces = [transfer_piece(bench, attack) for attack in bench.spec.attacks]
+    for attack in bench.spec.whitebox:
+        pieces += [p for p in (whitebox_piece(bench, attack, m) for m in bench.fns) if p is not None]
+    return pieces + [checks_piece(bench, m) for m in bench.fns]
+
+
+def _describe(bench: Workbench, attack: str) -> tuple[str, int]:
+    """Records the attack in report["attacks"]; returns its base name and example count."""
+    spec, key, s = get_spec(attack), base_name(attack), bench.spec
+    n = len(bench.x) if spec.graph_safe else min(len(bench.x), s.slow_examples)
+    bench.report["attacks"].setdefault(key, {"group": attack_group(attack, s.pool), "method": spec.method,
+                                             "norm": "inf" if spec.norm == np.inf else float(spec.norm),
+                                             "eps": spec.eps, "targeted": spec.targeted, "examples": n,
+                                             "spec": attack})
+    return key, n
+
+
+# ------------------------------------------------------------------------------------------ transfer
+def transfer_piece(bench: Workbench, attack: str) -> Piece:
+    key, n = _describe(bench, attack)
+    s = bench.spec
+    bench.report["transfer"][key] = None
+    return Piece(ReportMemo.key("transfer", attack, n, s.seed, s.target, bench.fps, bench.regen_fp,
+                                key in s.grid_attacks),
+                 f"transfer {key} on {n} images (crafted on {s.target})",
+                 functools.partial(_craft_transfer, bench, attack, key, n),
+                 functools.partial(_apply_transfer, bench, key))
+
+
+def _craft_transfer(bench: Workbench, attack: str, key: str, n: int) -> dict:
+    s, x, y = bench.spec, bench.x, bench.y
+    adv = craft(attack, bench.fns[s.target], x[:n], y[:n], batch_size=s.batch_size, seed=s.seed,
+                progress=bench.progress)
+    value = {"accuracy": {m: accuracy(f, adv, y[:n]) for m, f in bench.fns.items()}, "regeneration": None,
+             "grid": None}
+    if bench.regen_fn is not None:
+        value["regeneration"] = regeneration_quality(bench.regen_fn, adv, x[:n])
+        if key in s.grid_attacks:
+            k = min(s.grid_images, n)
+            regenerated = np.clip(np.asarray(bench.regen_fn(tf.constant(adv[:k]))), 0, 1)
+            value["grid"] = np.stack([x[:k], adv[:k], regenerated]).tolist()
+    return value
+
+
+def _apply_transfer(bench: Workbench, key: str, done: dict) -> None:
+    bench.report["transfer"][key] = done["accuracy"]
+    if done.get("regeneration"):
+        bench.report["regeneration"][key] = done["regeneration"]
+    if done.get("grid") is not None:
+        bench.grids[key] = np.asarray(done["grid"], np.float32)
+
+
+# ------------------------------------------------------------------------------------------ white-box
+def whitebox_piece(bench: Workbench, attack: str, m: str) -> Piece | None:
+    """The piece of `attack` crafted on model `m`; None for a transfer attack on the target itself."""
+    key, n = _describe(bench, attack)
+    s = bench.spec
+    bench.report["whitebox"].setdefault(key, {})[m] = None
+    if m == s.target and attack in s.attacks:
+        bench.shared_with_transfer.append(key)  # same adversarials, same source
+        return None
+    return Piece(ReportMemo.key("whitebox", attack, n, s.seed, m, bench.fps[m], bench.fps["data"]),
+                 f"white-box {key} on {m}, {n} images",
+                 functools.partial(_craft_whitebox, bench, attack, m, n),
+                 functools.partial(_apply_whitebox, bench, key, m))
+
+
+def _craft_whitebox(bench: Workbench, attack: str, m: str, n: int) -> float:
+    f, y = bench.fns[m], bench.y[:n]
+    adv = craft(attack, f, bench.x[:n], y, batch_size=bench.spec.batch_size, seed=bench.spec.seed,
+                progress=bench.progress)
+    return accuracy(f, adv, y)
+
+
+def _apply_whitebox(bench: Workbench, key: str, m: str, done: float) -> None:
+    bench.report["whitebox"][key][m] = done
+
+
+# ------------------------------------------------------------------------------------------ checks
+def checks_piece(bench: Workbench, m: str) -> Piece:
+    s, n = bench.spec, min(len(bench.x), CHECK_EXAMPLES)
+    bench.report["zero_gradient_fraction"][m] = None
+    if s.eps_sweep:
+        bench.report["eps_sweep"][m] = None
+    return Piece(ReportMemo.key("checks", m, bench.fps[m], bench.fps["data"], s.seed, n, list(s.eps_sweep or ()),
+                                s.sweep_attack),
+                 f"gradient and eps checks on {m}, {n} images",
+                 functools.partial(_run_checks, bench, m, n), functools.partial(_apply_checks, bench, m))
+
+
+def _run_checks(bench: Workbench, m: str, n: int) -> dict:
+    s, f, x, y = bench.spec, bench.fns[m], bench.x[:n], bench.y[:n]
+    value = {"zero_gradient_fraction": zero_gradient_fraction(f, x, y), "eps_sweep": None}
+    if s.eps_sweep:
+        value["eps_sweep"] = {}
+        for eps in s.eps_sweep:
+            spec = get_spec(s.sweep_attack).replace(eps=float(eps), eps_iter=max(float(eps) / 10, 0.01))
+            adv = craft(spec, f, x, y, batch_size=s.batch_size, seed=s.seed, progress=False)
+            value["eps_sweep"][f"{float(eps):g}"] = accuracy(f, adv, y)
+    return value
+
+
+def _apply_checks(bench: Workbench, m: str, done: dict) -> None:
+    bench.report["zero_gradient_fraction"][m] = done["zero_gradient_fraction"]
+    if bench.spec.eps_sweep:
+        bench.report["eps_sweep"][m] = done["eps_sweep"]
+
+
+def regeneration_quality(regen_fn, x_in, x_ref, batch_size: int = 500) -> dict:
+    """PSNR (dB) and SSIM of the regenerated `x_in` against `x_ref` (tf.image, max_val 1)."""
+    psnr, ssim = [], []
+    for s in range(0, len(x_in), batch_size):
+        out = tf.clip_by_value(tf.cast(regen_fn(tf.constant(x_in[s:s + batch_size])), tf.float32), 0.0, 1.0)
+        ref = tf.constant(x_ref[s:s + batch_size])
+        psnr.append(tf.image.psnr(out, ref, max_val=1.0).numpy())
+        ssim.append(tf.image.ssim(out, ref, max_val=1.0).numpy())
+    p, q = np.concatenate(psnr), np.concatenate(ssim)
+    return {"psnr_db": float(np.mean(p[np.isfinite(p)])) if np.isfinite(p).any() else float("inf"),
+            "ssim": float(np.mean(q))}
