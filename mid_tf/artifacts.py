@@ -1,18 +1,25 @@
 """The layout of `--model_dir` and atomic writes into it.
 
   <model_dir>/run.json                     dataset, width, seed of the run (guards against mixing runs)
+  <model_dir>/.lock                        flock'ed by the process training in it (holds its pid)
+  <model_dir>/<stage>/config.json          the stage's configuration fingerprint, written when it starts
   <model_dir>/<stage>/ckpt/                step checkpoints while a stage trains (tf.train.CheckpointManager)
   <model_dir>/<stage>/<net>.weights.h5     final weights, written to a temp file and renamed
-  <model_dir>/<stage>/done.json            written last: the stage is complete (and its metrics)
+  <model_dir>/<stage>/done.json            written last: the stage is complete (its metrics and fingerprint)
   <model_dir>/logs/<stage>/                TensorBoard event files
   <model_dir>/summary.json                 the run summary (documented in docs/training.md)
 A stage without `done.json` is incomplete: rerunning the same command resumes it from `ckpt/`.
+A stage's fingerprint is the configuration its weights depend on (which fields: mid_tf/stages.py);
+a rerun asking for other values is refused rather than silently reusing or resuming the stage.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
 import tempfile
 
 import keras
@@ -33,8 +40,43 @@ STAGE_NETWORKS = {
 }
 
 
+FINGERPRINT = "fingerprint"  # the done.json key holding the stage's fingerprint
+
+
 class ArtifactError(RuntimeError):
     """A model_dir that is missing pieces or belongs to another run; the message names the fix."""
+
+
+class FingerprintError(ArtifactError):
+    """Stages of a model_dir made with another configuration than the one requested.
+
+    `mismatches`: {stage: {field: (recorded, requested)}}; `discards`: {stage: the stages --retrain=stage
+    also discards}. `describe(flag_for)` names each field's flag too (the apps know the flags)."""
+
+    def __init__(self, model_dir: str, mismatches: dict, in_progress: set, discards: dict):
+        self.model_dir, self.mismatches, self.in_progress, self.discards = model_dir, mismatches, in_progress, discards
+        super().__init__(self.describe())
+
+    def describe(self, flag_for=lambda field: None) -> str:
+        lines = [f"--model_dir={self.model_dir} holds stages made with another configuration "
+                 "(recorded -> requested):"]
+        listed = set()
+        for stage, diff in self.mismatches.items():
+            state = "started, not done" if stage in self.in_progress else "done"
+            new = [f for f in sorted(diff) if f not in listed]
+            lines.append(f"  stage {stage} ({state})" + (":" if new else ": through the stages it is built on"))
+            for field in new:
+                flag = flag_for(field)
+                recorded, requested = (json.dumps(v) for v in diff[field])
+                lines.append(f"    {field} {recorded} -> {requested}" + (f" (--{flag})" if flag else ""))
+            listed.update(diff)
+        roots = [s for s in self.mismatches if not any(s in self.discards.get(r, ()) for r in self.mismatches)]
+        also = sorted({d for r in roots for d in self.discards.get(r, ())} - set(roots))
+        lines.append(f"Fix: rerun with the recorded values to reuse what is there, use a new --model_dir, or pass "
+                     f"--retrain={','.join(roots)} to train {', '.join(roots)} again"
+                     + (f" (this also discards {', '.join(also)}, built on {'it' if len(roots) == 1 else 'them'})."
+                        if also else "."))
+        return "\n".join(lines)
 
 
 def stage_dir(model_dir: str, stage: str) -> str:
@@ -70,11 +112,89 @@ def read_done(model_dir: str, stage: str) -> dict:
         return json.load(f)
 
 
-def mark_done(model_dir: str, stage: str, models: MIDModels, metrics: dict) -> None:
-    """Saves the stage's networks, then writes done.json (last, so a crash never marks a stage done)."""
+def mark_done(model_dir: str, stage: str, models: MIDModels, metrics: dict, fingerprint: dict | None = None) -> None:
+    """Saves the stage's networks, then writes done.json (last, so a crash never marks a stage done).
+    `fingerprint`: the configuration that made the weights (None: unknown, as in a done.json from before
+    fingerprints, which stays unknown rather than being vouched for by a later configuration)."""
     for net in STAGE_NETWORKS.get(stage, ()):
         save_weights_atomic(getattr(models, net), weights_path(model_dir, stage, net))
-    write_json_atomic(os.path.join(stage_dir(model_dir, stage), "done.json"), metrics)
+    extra = {FINGERPRINT: fingerprint} if fingerprint is not None else {}
+    write_json_atomic(os.path.join(stage_dir(model_dir, stage), "done.json"), {**metrics, **extra})
+
+
+def record_stage_config(model_dir: str, stage: str, fingerprint: dict) -> None:
+    """Written as the stage starts training: its checkpoints belong to this configuration."""
+    write_json_atomic(os.path.join(stage_dir(model_dir, stage), "config.json"), {FINGERPRINT: fingerprint})
+
+
+def recorded_fingerprint(model_dir: str, stage: str) -> tuple[dict | None, str]:
+    """(fingerprint, state): state is "done", "started" (checkpoints, not done) or "new"; the fingerprint
+    is None where none was recorded (new, or written before fingerprints existed)."""
+    if is_done(model_dir, stage):
+        return read_done(model_dir, stage).get(FINGERPRINT), "done"
+    path = os.path.join(stage_dir(model_dir, stage), "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f).get(FINGERPRINT), "started"
+    return None, ("started" if os.path.isdir(os.path.join(stage_dir(model_dir, stage), "ckpt")) else "new")
+
+
+def fingerprint_diff(recorded: dict, requested: dict) -> dict:
+    """{field: (recorded, requested)} over the fields both know (a field added or retired by another
+    version of mid_tf is not a difference: its default keeps the old behaviour)."""
+    return {k: (recorded[k], requested[k]) for k in sorted(recorded.keys() & requested.keys())
+            if recorded[k] != requested[k]}
+
+
+def discard_stage(model_dir: str, stage: str) -> bool:
+    """Removes a stage's outputs (weights, checkpoints, done.json, logs); True if there were any.
+    The directory is renamed first, so a kill half-way never leaves a done stage with missing files."""
+    found = False
+    for path in (stage_dir(model_dir, stage), os.path.join(model_dir, "logs", stage)):
+        if os.path.exists(path):
+            found = True
+            trash = os.path.join(model_dir, f".discarded-{os.getpid()}-{stage}")
+            os.replace(path, trash)
+            shutil.rmtree(trash)
+    return found
+
+
+def check_model_dir(model_dir: str) -> None:
+    """Refuses a --model_dir that is a file or lies under one (before anything is loaded)."""
+    path = os.path.abspath(model_dir)
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    if path and not os.path.isdir(path):
+        raise ArtifactError(f"--model_dir={model_dir}: {path} is a file, not a directory; pass a directory "
+                            "(it is created if missing), e.g. --model_dir=runs/mnist")
+
+
+@contextlib.contextmanager
+def lock_model_dir(model_dir: str):
+    """Holds <model_dir>/.lock for the block: a second process on the same model_dir fails fast naming
+    the holder's pid. flock is released by the kernel when its holder dies (even by SIGKILL), so a lock
+    file left by a dead process is simply taken over."""
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        f = open(os.path.join(model_dir, ".lock"), "a+")
+    except OSError as e:
+        raise ArtifactError(f"--model_dir={model_dir} cannot be used: {e}; pass a writable directory") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ArtifactError(f"--model_dir={model_dir} is in use by another mid_tf process (pid {holder}); wait "
+                            "for it to finish, stop it, or use another --model_dir") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
 
 
 def check_run_identity(model_dir: str, identity: dict) -> None:
@@ -110,7 +230,9 @@ def load_stage(model_dir: str, stage: str, models: MIDModels) -> dict:
         getattr(models, net).load_weights(path)
     if stage == "teacher":
         copy_teacher_head(models)  # C_s starts as C; a completed mid stage loads its own afterwards
-    return read_done(model_dir, stage)
+    done = read_done(model_dir, stage)
+    done.pop(FINGERPRINT, None)  # the configuration, not a result
+    return done
 
 
 def load_models(model_dir: str, stages=("target", "teacher", "mid")) -> MIDModels:

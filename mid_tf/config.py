@@ -64,7 +64,7 @@ def _pool(names: str, num_meta_train) -> None:
 class DataConfig:
     dataset: str = "mnist"
     data_dir: str | None = None       # else $MID_DATA_DIR, else TFDS's default directory
-    download: bool = False            # allow TFDS downloads (needs network)
+    download: bool = True             # let TFDS download a missing dataset (fails fast without network)
     train_examples: int | None = None  # first N training examples (None = all)
     eval_examples: int | None = None   # first N test examples (None = all)
 

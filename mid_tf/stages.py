@@ -8,12 +8,18 @@
   eval     robustness report: every model present, transfer and white-box attacks, known vs unknown
 A completed stage (`<model_dir>/<stage>/done.json`) is loaded, not retrained; an interrupted one
 resumes from its last step checkpoint. Every trained stage goes through one runner (`_run_stage`):
-load or train, score, mark done, freeze.
+load or train, score, mark done, freeze. Each records the fingerprint of the configuration it was
+trained with (FINGERPRINT_FIELDS); a rerun asking for another one is refused before anything trains,
+unless `retrain` names the stage (it and the stages built on it are discarded and trained again).
+One process at a time trains in a model_dir (artifacts.lock_model_dir).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fnmatch
+import json
 import os
 import platform
 import time
@@ -128,6 +134,55 @@ STAGES = {
 # The eval stage scores the others; it needs the models the report is about.
 EVAL_REQUIRES = ("target", "teacher", "mid")
 
+# The config section holding each trained stage's hyperparameters.
+SECTION = {"target": "target", "teacher": "teacher", "mid": "mid", "pgd_at": "baseline", "trades": "baseline"}
+_RUN_FIELDS = ("data.dataset", "data.train_examples", "seed", "width")
+# The config fields a trained stage's weights depend on (fnmatch patterns; "!" excludes): its fingerprint,
+# with its `requires` stages' fingerprints merged in. Left out, as they change no weight: data paths,
+# checkpoint cadence, verbosity, strategy, the eval settings, and MID's logging and per-epoch validation
+# (the attack cache's overlap builds the same cache either way).
+FINGERPRINT_FIELDS = {
+    "target": _RUN_FIELDS + ("target.*", "!target.reconstruction_weight"),
+    "teacher": _RUN_FIELDS + ("teacher.*",),
+    "pgd_at": _RUN_FIELDS + ("baseline.*", "!baseline.trades_beta"),
+    "trades": _RUN_FIELDS + ("baseline.*",),
+    "mid": _RUN_FIELDS + ("mid.*", "!mid.val_examples", "!mid.val_attacks", "!mid.val_whitebox_attacks",
+                          "!mid.log_every_steps", "!mid.attack_cache_overlap"),
+}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def fingerprint(cfg: RunConfig, stage: str) -> dict:
+    """{dotted field: value} the weights of `stage` (and of the stages it builds on) depend on, as JSON
+    values (tuples become lists, as they read back from done.json)."""
+    fields = {}
+    for dep in STAGES[stage].requires:
+        fields.update(fingerprint(cfg, dep))
+    patterns = FINGERPRINT_FIELDS[stage]
+    keep = [p for p in patterns if not p.startswith("!")]
+    drop = [p[1:] for p in patterns if p.startswith("!")]
+    for field, value in _flatten(cfg.to_json()).items():
+        if any(fnmatch.fnmatchcase(field, p) for p in keep) and not any(fnmatch.fnmatchcase(field, p) for p in drop):
+            fields[field] = value
+    return json.loads(json.dumps(fields, sort_keys=True))
+
+
+def dependents(stage: str) -> tuple:
+    """The trained stages built on `stage`, directly or not, in pipeline order."""
+    found = {s for s in STAGES if stage in STAGES[s].requires}
+    for s in tuple(found):
+        found.update(dependents(s))
+    return tuple(s for s in KNOWN_STAGES if s in found)
+
 
 def _run_stage(ctx: Context, name: str) -> dict:
     """Loads a completed stage, or trains it (resuming from its checkpoints); scores it; marks it done."""
@@ -136,27 +191,78 @@ def _run_stage(ctx: Context, name: str) -> dict:
         return evaluate(ctx.cfg, ctx.models, ctx.test_split)
     stage, model_dir, t0 = STAGES[name], ctx.cfg.model_dir, time.time()
     if artifacts.is_done(model_dir, name):
+        # Checked against this configuration before anything ran (_check_fingerprints); kept as recorded.
+        recorded = artifacts.recorded_fingerprint(model_dir, name)[0]
         result = artifacts.load_stage(model_dir, name, ctx.models)
     else:
-        result = {**stage.fit(ctx), "train_examples": len(ctx.train_split),
+        recorded = fingerprint(ctx.cfg, name)
+        artifacts.record_stage_config(model_dir, name, recorded)
+        result = {**_fit_guarded(ctx, name), "train_examples": len(ctx.train_split),
                   "train_time_s": round(time.time() - t0, 1)}
     result.update(stage.score(ctx))
-    artifacts.mark_done(model_dir, name, ctx.models, result)
+    artifacts.mark_done(model_dir, name, ctx.models, result, recorded)
     if stage.freeze:
         stage1.freeze(*(getattr(ctx.models, net) for net in artifacts.STAGE_NETWORKS[name]))
     return result
+
+
+def _fit_guarded(ctx: Context, name: str) -> dict:
+    """`STAGES[name].fit`, its NaN/Inf guard's error told which stage and learning rate it is about."""
+    from mid_tf.training.resumable import NonFiniteError
+
+    try:
+        return STAGES[name].fit(ctx)
+    except NonFiniteError as e:
+        e.stage, e.learning_rate_field = name, f"{SECTION[name]}.learning_rate"
+        e.learning_rate = getattr(ctx.cfg, SECTION[name]).learning_rate
+        raise
 
 
 def _requires(stage: str) -> tuple:
     return EVAL_REQUIRES if stage == "eval" else STAGES[stage].requires
 
 
-def _check_dependencies(cfg: RunConfig) -> None:
+def _check_dependencies(cfg: RunConfig, discard=()) -> None:
     for stage in cfg.stages:
         for dep in _requires(stage):
-            if dep not in cfg.stages and not artifacts.is_done(cfg.model_dir, dep):
+            if dep not in cfg.stages and (dep in discard or not artifacts.is_done(cfg.model_dir, dep)):
                 raise ConfigError("stages", f"has '{stage}', which needs stage '{dep}', not completed in "
                                   f"{cfg.model_dir}: add it (e.g. {dep},{stage})")
+
+
+def _retrain_plan(cfg: RunConfig, retrain) -> tuple:
+    """The stages `retrain` discards: those it names and every stage built on them, in pipeline order."""
+    for stage in retrain:
+        if stage not in STAGES:
+            raise ConfigError("stages", f"cannot retrain '{stage}': choose from {', '.join(STAGES)}")
+        if stage not in cfg.stages:
+            raise ConfigError("stages", f"does not include '{stage}', which is to be retrained: add it")
+    found = {d for stage in retrain for d in (stage, *dependents(stage))}
+    return tuple(s for s in KNOWN_STAGES if s in found)
+
+
+def _check_fingerprints(cfg: RunConfig, discard=()) -> None:
+    """Refuses, before anything trains, stages this run would reuse or resume that were made with another
+    configuration; accepts those recorded before fingerprints existed, saying so."""
+    used = {dep for stage in cfg.stages for dep in (stage, *_requires(stage))}
+    mismatches, started = {}, set()
+    for stage in (s for s in KNOWN_STAGES if s in used and s in STAGES and s not in discard):
+        recorded, state = artifacts.recorded_fingerprint(cfg.model_dir, stage)
+        if state == "new":
+            continue
+        if recorded is None:
+            print(f"note: stage {stage} in {cfg.model_dir} was {'completed' if state == 'done' else 'started'} "
+                  "before configurations were recorded; reusing it as it is, unchecked", flush=True)
+            continue
+        diff = artifacts.fingerprint_diff(recorded, fingerprint(cfg, stage))
+        if diff:
+            mismatches[stage] = diff
+            if state == "started":
+                started.add(stage)
+    if mismatches:
+        present = {s for s in STAGES if artifacts.recorded_fingerprint(cfg.model_dir, s)[1] != "new"}
+        raise artifacts.FingerprintError(cfg.model_dir, mismatches, started,
+                                         {s: tuple(d for d in dependents(s) if d in present) for s in mismatches})
 
 
 def _run_stages(cfg: RunConfig, ctx: Context) -> dict:
@@ -172,39 +278,51 @@ def _run_stages(cfg: RunConfig, ctx: Context) -> dict:
     return results
 
 
-def run(cfg: RunConfig) -> dict:
-    """Runs `cfg.stages` in pipeline order; returns (and writes) the summary."""
+def run(cfg: RunConfig, retrain=()) -> dict:
+    """Runs `cfg.stages` in pipeline order; returns (and writes) the summary. `retrain`: stages (of
+    `cfg.stages`) to discard, with the stages built on them, and train again."""
     cfg.validate()
     strategy = distribute.make_strategy(cfg.strategy)
     if cfg.strategy == "multi_worker" and not distribute.is_chief():
         # Non-chief workers train in lockstep but keep their files apart from the chief's outputs.
         cfg = dataclasses.replace(cfg, model_dir=os.path.join(cfg.model_dir, f".worker-{os.getpid()}"), verbose=0)
-    _check_dependencies(cfg)
+    artifacts.check_model_dir(cfg.model_dir)
+    discard = _retrain_plan(cfg, tuple(retrain))
+    _check_dependencies(cfg, discard)
+    _check_fingerprints(cfg, discard)
     start = time.time()
     d = cfg.data
     # Test data first: it is small, and a missing dataset fails here, within seconds.
     test_split = load_split(d.dataset, "test", d.data_dir, download=d.download, limit=d.eval_examples)
-    os.makedirs(cfg.model_dir, exist_ok=True)
-    artifacts.check_run_identity(cfg.model_dir, {"dataset": d.dataset, "width": cfg.width, "seed": cfg.seed})
-    keras.utils.set_random_seed(cfg.seed)
-    with strategy.scope():  # every network and optimizer is created under the strategy
-        models = build_models(d.dataset, width=cfg.width)
-        results = _run_stages(cfg, Context(cfg, models, None, test_split))
-    summary = {
+    # Helpers started by --eval_workers work in the main process's model_dir, under its lock.
+    with contextlib.nullcontext() if cfg.eval_helper else artifacts.lock_model_dir(cfg.model_dir):
+        artifacts.check_run_identity(cfg.model_dir, {"dataset": d.dataset, "width": cfg.width, "seed": cfg.seed})
+        for stage in discard:
+            if artifacts.discard_stage(cfg.model_dir, stage):
+                print(f"retrain: discarded stage {stage} in {cfg.model_dir}", flush=True)
+        keras.utils.set_random_seed(cfg.seed)
+        with strategy.scope():  # every network and optimizer is created under the strategy
+            models = build_models(d.dataset, width=cfg.width)
+            results = _run_stages(cfg, Context(cfg, models, None, test_split))
+        summary = _summary(cfg, test_split, results, time.time() - start)
+        if not cfg.eval_helper:  # a helper's partial view never replaces the main process's summary
+            artifacts.write_json_atomic(os.path.join(cfg.model_dir, "summary.json"), summary)
+    return summary
+
+
+def _summary(cfg: RunConfig, test_split, results: dict, wall_time_s: float) -> dict:
+    return {
         "mid_tf_version": mid_tf.__version__,
-        "dataset": d.dataset,
+        "dataset": cfg.data.dataset,
         "data_source": test_split.source,
         "seed": cfg.seed,
-        "train_examples": d.train_examples,
+        "train_examples": cfg.data.train_examples,
         "eval_examples": len(test_split),
         "stages": results,
-        "wall_time_s": round(time.time() - start, 1),
+        "wall_time_s": round(wall_time_s, 1),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()},
         "config": cfg.to_json(),
     }
-    if not cfg.eval_helper:  # a helper's partial view never replaces the main process's summary
-        artifacts.write_json_atomic(os.path.join(cfg.model_dir, "summary.json"), summary)
-    return summary
 
 
 def format_summary(summary: dict) -> str:

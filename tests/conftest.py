@@ -1,7 +1,8 @@
-"""Shared test setup: quiet TF, the offline MNIST copy, small real splits.
+"""Shared test setup: quiet TF, real MNIST offline, small real splits.
 
-Tests never touch the network. Real MNIST comes from $MID_DATA_DIR, defaulting to the team's
-offline copy at ../shared/data/mnist beside the repository (present on dev machines and CI).
+Tests never touch the network. Real MNIST comes from $MID_DATA_DIR, else the full offline copy at
+../shared/data/mnist beside the repository when it is there, else the subset shipped in
+tests/data/mnist_subset (the first 6,000 training and 1,000 test images), so a fresh clone passes anywhere.
 """
 
 from __future__ import annotations
@@ -14,16 +15,28 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_MNIST = REPO.parent / "shared" / "data" / "mnist"
+FULL_MNIST = REPO.parent / "shared" / "data" / "mnist"
+MNIST_SUBSET = REPO / "tests" / "data" / "mnist_subset"
+
+
+def _has_idx(path) -> bool:
+    return any(os.path.isfile(os.path.join(path, f"t10k-labels-idx1-ubyte{ext}")) for ext in (".gz", ""))
 
 
 def mnist_dir() -> str:
-    path = os.environ.get("MID_DATA_DIR") or str(DEFAULT_MNIST)
-    if not os.path.isfile(os.path.join(path, "t10k-labels-idx1-ubyte.gz")) and not os.path.isfile(
-            os.path.join(path, "t10k-labels-idx1-ubyte")):
-        raise RuntimeError(f"real MNIST IDX files not found in {path}: set MID_DATA_DIR to the directory "
-                           "holding them (../shared/data/mnist on dev machines and CI)")
-    return path
+    path = os.environ.get("MID_DATA_DIR")
+    if path:
+        if not _has_idx(path):
+            raise RuntimeError(f"MID_DATA_DIR={path} holds no MNIST IDX files: unset it to use "
+                               f"{FULL_MNIST} or the subset in {MNIST_SUBSET}")
+        return path
+    return str(FULL_MNIST if _has_idx(FULL_MNIST) else MNIST_SUBSET)
+
+
+def full_mnist() -> bool:
+    """Whether the tests read the whole of MNIST (60,000 + 10,000) or the shipped subset."""
+    from mid_tf.data import load_split
+    return len(load_split("mnist", "test", mnist_dir())) == 10000
 
 
 @pytest.fixture(scope="session")

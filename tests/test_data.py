@@ -18,9 +18,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_real_mnist_is_the_real_thing(mnist_data_dir):
     train = load_split("mnist", "train", mnist_data_dir)
     test = load_split("mnist", "test", mnist_data_dir)
-    assert len(train) == 60000 and len(test) == 10000
     assert list(train.labels[:10]) == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
-    assert list(np.bincount(test.labels)) == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    if (len(train), len(test)) == (60000, 10000):  # the full copy
+        assert list(np.bincount(test.labels)) == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    else:  # the subset in tests/data: the first images of the same files
+        assert (len(train), len(test)) == (6000, 1000)
+        assert list(np.bincount(test.labels)) == [85, 126, 116, 107, 110, 87, 87, 99, 89, 94]
+
+
+def test_shipped_subset_is_the_head_of_real_mnist(mnist_data_dir):
+    """tests/data/mnist_subset is a prefix of the real files (so results on it are real MNIST results)."""
+    from conftest import MNIST_SUBSET
+    sub = load_split("mnist", "test", str(MNIST_SUBSET))
+    assert len(sub) == 1000
+    full = load_split("mnist", "test", mnist_data_dir, limit=1000)
+    np.testing.assert_array_equal(sub.images, full.images)
+    np.testing.assert_array_equal(sub.labels, full.labels)
 
 
 def test_env_var_is_used(mnist_data_dir, monkeypatch):
@@ -76,6 +89,25 @@ def test_unknown_dataset_and_bad_dir(tmp_path):
         load_split("imagenet", "train", None)
     with pytest.raises(DataError, match="not a directory"):
         load_split("mnist", "train", str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("reachable", [False, True])
+def test_missing_data_downloads_only_when_the_host_answers(tmp_path, monkeypatch, reachable):
+    """The default: a dataset that is not on disk is downloaded by TFDS when the download host answers
+    (mocked here), and refused at once, naming --data_dir, when it does not."""
+    from mid_tf.config import DataConfig
+    from mid_tf.data import datasets
+    assert DataConfig().download  # no data flag needed on a machine with network
+    monkeypatch.delenv("MID_DATA_DIR", raising=False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setattr(datasets, "_network_reachable", lambda timeout=3.0: reachable)
+    if reachable:
+        datasets.preflight("mnist", None, download=True)  # goes on to TFDS's download
+    else:
+        with pytest.raises(DataError, match="--data_dir"):
+            datasets.preflight("mnist", None, download=True)
+    with pytest.raises(DataError, match="--download is off"):
+        datasets.preflight("mnist", None, download=False)
 
 
 def test_train_py_without_data_exits_fast_naming_data_dir(tmp_path):

@@ -1,8 +1,9 @@
 """The serving contract end to end: export -> a TF Serving stand-in (gRPC + REST) -> mid_tf.serving.client.
 
-Round trips equal the Keras outputs; bad requests come back INVALID_ARGUMENT with the in-graph
-message and the server keeps serving; unknown models/versions are NOT_FOUND; the CLI turns status
-codes into one-line messages with the fix.
+Round trips equal the Keras outputs; bad requests (and requests over the export's limits) come back
+INVALID_ARGUMENT with the in-graph message and the server keeps serving; unknown models/versions are
+NOT_FOUND; the CLI turns status codes and bad local inputs into one-line messages with the fix, and
+prints the export's model card (--info).
 """
 
 import os
@@ -16,20 +17,21 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from mid_tf.export import export_model
+from mid_tf.export import ServingLimits
 from mid_tf.serving import client
 from serving_standin import StandInServer
-from test_export import images01, keras_outputs, tiny_models
+from test_export import images01, keras_outputs, tiny_models, unevaluated
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED_MESSAGE = "image must be float32 [batch, 28, 28, 1] with values in [0, 1]"
+LIMITS = ServingLimits(max_batch=8, max_image_bytes=4096)  # small, so a test can exceed them cheaply
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     models = tiny_models()
     base = str(tmp_path_factory.mktemp("exports") / "mid_mnist")
-    export_model(models, base)
+    unevaluated(models, base, limits=LIMITS, metadata={"dataset": "mnist"})
     with StandInServer(base, "mid_mnist", lifetime_s=300, rest=True) as server:
         yield server, models, base
 
@@ -92,6 +94,7 @@ BAD_REQUESTS = {
     "wrong dtype": ({"image": np.zeros((1, 28, 28, 1), np.float64)}, "double"),
     "out of range": ({"image": np.full((1, 28, 28, 1), 255.0, np.float32)}, EXPECTED_MESSAGE),
     "NaN": ({"image": np.full((1, 28, 28, 1), np.nan, np.float32)}, EXPECTED_MESSAGE),
+    "batch over the cap": ({"image": np.zeros((9, 28, 28, 1), np.float32)}, "at most 8 images"),
 }
 
 
@@ -111,6 +114,28 @@ def test_bad_encoded_image_is_invalid_argument(grpc_client):
     with pytest.raises(client.ServingError) as info:
         grpc_client.predict("mid_mnist", "classify_encoded", [b"not an image"])
     assert info.value.code == "INVALID_ARGUMENT" and "image" in info.value.details.lower()
+
+
+def _noise_pngs(n, size):
+    rng = np.random.default_rng(3)
+    return _pngs(rng.integers(0, 256, size=(n, size, size, 1)) / 255.0)
+
+
+@pytest.mark.parametrize("mode", ["grpc", "rest"])
+@pytest.mark.parametrize("case, message", [("too many", "at most 8 images"), ("too large", "1 to 4096 bytes"),
+                                           ("wrong size", "must be 28x28 pixels")])
+def test_encoded_requests_over_the_limits_are_invalid_argument(served, grpc_client, mode, case, message):
+    server, _, _ = served
+    c = grpc_client if mode == "grpc" else client.RestClient(server.rest_target, timeout=30)
+    inputs = {"too many": _noise_pngs(9, 28), "too large": _noise_pngs(1, 28) + _noise_pngs(1, 72),
+              "wrong size": _noise_pngs(1, 32)}[case]
+    if case == "too large":
+        assert len(inputs[1]) > LIMITS.max_image_bytes
+    with pytest.raises(client.ServingError) as info:
+        c.predict("mid_mnist", "classify_encoded", inputs)
+    assert info.value.code == "INVALID_ARGUMENT" and message in info.value.details
+    assert "--batch_size" in str(info.value)  # the fix names the client's knob
+    assert c.predict("mid_mnist", "classify_encoded", _noise_pngs(8, 28))["classes"].shape == (8,)
 
 
 def test_metadata_over_grpc_and_rest(served, grpc_client):
@@ -151,8 +176,8 @@ def test_deadline_exceeded_is_explained():
 def test_latest_version_is_served_and_others_are_not_found(served, tmp_path):
     _, models, _ = served
     base = str(tmp_path / "mid_mnist")
-    export_model(models, base)
-    export_model(tiny_models(seed=7), base)  # version 2, other weights
+    unevaluated(models, base)
+    unevaluated(tiny_models(seed=7), base)  # version 2, other weights
     with StandInServer(base, "mid_mnist", lifetime_s=120) as server:
         c = client.GrpcClient(server.target, timeout=30)
         latest = c.predict("mid_mnist", "classify", images01(2))
@@ -226,7 +251,51 @@ def test_cli_bad_input_is_one_line_and_status_2(argv, needle, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
 
 
+def test_cli_bad_local_inputs_are_one_line_and_status_2(tmp_path, capsys):
+    """Nothing is sent for these (the server address is never contacted)."""
+    (tmp_path / "notes.png").write_text("this is not an image")
+    (tmp_path / "cut.png").write_bytes(_pngs(images01(1))[0][:40])  # a PNG signature, then truncated
+    with open(tmp_path / "arrays.npy", "wb") as f:
+        np.savez(f, x=images01(1))  # an .npz archive under a .npy name
+    (tmp_path / "empty").mkdir()
+    cases = [("notes.png", "classify", "is not a PNG or JPEG image"),
+             ("notes.png", "classify_encoded", "is not a PNG or JPEG image"),
+             ("cut.png", "classify", "could not be decoded as an image"),
+             ("arrays.npy", "classify", "numeric .npy array"),
+             ("empty", "classify", "holds no .npy, .png or .jpg files")]
+    for name, signature, needle in cases:
+        assert client.main(["--server=127.0.0.1:1", f"--signature={signature}", f"--inputs={tmp_path / name}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], (name, err)
+
+
+def test_a_directory_of_npy_arrays_is_read(tmp_path):
+    os.makedirs(tmp_path / "arrays")
+    np.save(tmp_path / "arrays" / "a.npy", images01(2))
+    np.save(tmp_path / "arrays" / "b.npy", (images01(3, seed=4)[..., 0] * 255).astype(np.uint8))  # [N,H,W] uint8
+    names, batch = client.load_inputs([str(tmp_path / "arrays")], "classify")
+    assert names == ["a.npy[0]", "a.npy[1]", "b.npy[0]", "b.npy[1]", "b.npy[2]"]
+    assert batch.shape == (5, 28, 28, 1) and batch.dtype == np.float32 and batch.max() <= 1.0
+    names, blobs = client.load_inputs([str(tmp_path / "arrays")], "classify_encoded")
+    assert len(blobs) == 5 and all(b.startswith(b"\x89PNG") for b in blobs)
+
+
+def test_cli_info_prints_the_model_card(served, tmp_path, capsys):
+    _, _, base = served
+    assert client.main(["--info", f"--export_dir={base}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(os.path.join(base, "1")) and "# Model card: MID on mnist" in out
+    assert "not evaluated" in out and "at most 8 images, each encoded image at most 4096 bytes" in out
+    assert client.main(["--info", f"--export_dir={os.path.join(base, '1')}"]) == 0  # a version directory
+    assert "# Model card" in capsys.readouterr().out
+    for argv, needle in [(["--info"], "pass --export_dir"), (["--info", f"--export_dir={tmp_path}"], "no SavedModel"),
+                         (["--info", f"--export_dir={base}", "--model_version=5"], "versions there: [1]")]:
+        assert client.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+
+
 def test_cli_help_lists_the_flags(capsys):
     assert client.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "--server" in out and "--version_label" in out and "--inputs" in out
+    assert "--server" in out and "--version_label" in out and "--inputs" in out and "--info" in out

@@ -27,7 +27,8 @@ model_dir                  model_dir                   Directory for checkpoints
     summary.json; rerunning with the same directory resumes.
 data_dir                   data.data_dir               Dataset directory: the four MNIST IDX files (.gz or raw) or a
     prepared TFDS data dir. Default: $MID_DATA_DIR, else TFDS's default directory.
-download                   data.download               Allow TFDS to download the dataset when it is not found.
+download                   data.download               Let TFDS download the dataset when it is not found (with a
+    progress bar); without network the run fails within seconds naming --data_dir. --nodownload: never download.
 dataset                    data.dataset                Dataset: mnist | fashion_mnist | cifar10 | svhn_cropped.
 stages                     stages                      Stages to run, in pipeline order: target, teacher, pgd_at,
     trades, mid, eval.
@@ -145,6 +146,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("mid_batch_size", None, "Batch size of the MID stage (default: --batch_size).")
     flags.DEFINE_integer("logical_cpus", 0, "Split the CPU into N logical devices (to exercise "
                          "--strategy=mirrored without GPUs).")
+    flags.DEFINE_list("retrain", [], "Stages to train again although --model_dir holds them (done or started, "
+                      "e.g. with other settings): each is discarded with the stages built on it, then trained; "
+                      "each must be in --stages.")
     flags.DEFINE_bool("deterministic", False, "Enable TF op determinism (bitwise repeatable, somewhat slower).")
     flags.DEFINE_string("xla_kernels", "auto", "Compiled CPU kernels for LeNet's convolutions and unpooling: "
                         "auto (by CPU; docs/performance.md) | on | off.")
@@ -228,6 +232,16 @@ def explain(error: config.ConfigError) -> str:
     return f"--{flag} {error.message}" if flag else str(error)
 
 
+def _retrain() -> tuple:
+    """--retrain, checked: trained stages only (the eval stage redoes what changed by itself)."""
+    names = tuple(s.strip() for s in FLAGS.retrain if s.strip())
+    trained = [s for s in config.KNOWN_STAGES if s != "eval"]
+    unknown = [s for s in names if s not in trained]
+    if unknown:
+        raise FlagError(f"--retrain has unknown or untrained stage(s) {unknown}; choose from {', '.join(trained)}")
+    return names
+
+
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -238,10 +252,11 @@ def main(argv) -> int:
         preflight(FLAGS.dataset, FLAGS.data_dir, FLAGS.download)
     except DataError as e:
         return _fail(e)
-    from mid_tf.artifacts import ArtifactError
+    from mid_tf.artifacts import ArtifactError, FingerprintError
+    from mid_tf.training.resumable import NonFiniteError
 
     try:
-        cfg = build_config().validate()
+        cfg, retrain = build_config().validate(), _retrain()
         from mid_tf.kernels import xla
         xla.configure(FLAGS.xla_kernels)
         print(xla.describe(), flush=True)
@@ -252,9 +267,11 @@ def main(argv) -> int:
             import tensorflow as tf
             tf.config.experimental.enable_op_determinism()
         from mid_tf import stages
-        summary = stages.run(cfg)
+        summary = stages.run(cfg, retrain=retrain)
     except config.ConfigError as e:
         return _fail(explain(e))
+    except (FingerprintError, NonFiniteError) as e:
+        return _fail(e.describe(flag_for))
     except (DataError, ArtifactError, FlagError, ValueError) as e:
         return _fail(e)
     print(stages.format_summary(summary))
@@ -268,7 +285,9 @@ def _fail(message) -> int:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (`--help` lists this module's flags, whichever script started it)."""
+    for flag in FLAGS.get_key_flags_for_module(__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
 
 

@@ -28,7 +28,6 @@ from mid_tf.evaluation.memo import ReportMemo
 
 HELPER_ENTRY_POINT = "mid_tf.cli.eval_helper"
 # The checkout holding the mid_tf package: a helper imports the same code even when it is not installed.
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,12 +106,10 @@ def start_helpers(cfg: RunConfig, count: int) -> list[subprocess.Popen]:
     eval_dir = os.path.join(cfg.model_dir, "eval")
     path = os.path.join(eval_dir, "helper-config.json")
     write_json_atomic(path, helper.to_json())
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-    procs = []
+    procs = []  # started through the package's entry point: mid_tf is importable (installed, or run from its checkout)
     for i in range(1, count + 1):
         with open(os.path.join(eval_dir, f"helper-{i}.log"), "w") as log:
-            procs.append(subprocess.Popen(helper_command(path), stdout=log, stderr=subprocess.STDOUT, env=env))
+            procs.append(subprocess.Popen(helper_command(path), stdout=log, stderr=subprocess.STDOUT))
     return procs
 
 

@@ -90,7 +90,8 @@ def write_models_config(export_base: str, model_name: str, base_path: str, polic
     """(Re)writes `<export_base>/models.config` atomically; returns its path."""
     text = models_config_text(model_name, base_path, policy, version_labels)
     path = os.path.join(export_base, MODELS_CONFIG)
-    fd, tmp = tempfile.mkstemp(dir=export_base, prefix=".tmp-", suffix=".config")
+    # `.tmp-<pid>-`: the pattern publish.clean_stale recognises, should this process be killed right here.
+    fd, tmp = tempfile.mkstemp(dir=export_base, prefix=f".tmp-{os.getpid()}-", suffix=".config")
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the model server may run as another user

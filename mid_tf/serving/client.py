@@ -3,10 +3,11 @@
   python -m mid_tf.serving.client --server=localhost:8500 --model_name=mid_mnist --inputs=digits/ \
       [--signature=classify|regenerate|classify_encoded] [--model_version=N | --version_label=L] [--output=x.npz]
   python -m mid_tf.serving.client --metadata            # what the server serves (gRPC GetModelMetadata)
+  python -m mid_tf.serving.client --info --export_dir=exports/mid_mnist   # the export's model card
 
-This is the client side: it imports nothing from the rest of mid_tf, only TensorFlow Serving's API
-protos (gRPC), or nothing beyond the standard library, NumPy and absl (its flags) for REST with
-encoded images. Every
+This is the client side: it imports nothing from the rest of mid_tf beyond mid_tf/serving/local.py
+(inputs and model cards read from disk), only TensorFlow Serving's API protos (gRPC), or nothing beyond
+the standard library, NumPy and absl (its flags) for REST with encoded images. Every
 failure is one line naming the likely fix (`ServingError`), because a stack trace from grpc tells a
 user nothing about a wrong model name or a server that is not running.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import ssl
 import sys
 import urllib.error
@@ -24,19 +24,20 @@ import urllib.request
 import numpy as np
 from absl import flags
 
+from mid_tf.serving.local import load_inputs, model_card_text, version_dir  # noqa: F401  (library API)
+
 # CLI signature name -> (SavedModel signature key, input tensor name, outputs in display order)
 SIGNATURES = {
     "classify": ("serving_default", "image", ("logits", "probabilities", "classes")),
     "regenerate": ("regenerate", "image", ("image",)),
     "classify_encoded": ("classify_encoded", "image_bytes", ("logits", "probabilities", "classes")),
 }
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
 _FIXES = {
     "NOT_FOUND": "check --model_name (the name in models.config) and --model_version/--version_label: only "
                  "versions the server has loaded are served (see the version policy in models.config)",
     "INVALID_ARGUMENT": "check --signature and the inputs: 'image' is float32 [batch, H, W, C] in [0, 1], "
-                        "'image_bytes' holds PNG/JPEG files; --metadata shows what the server expects",
+                        "'image_bytes' holds PNG/JPEG files of the model's size; requests are capped (lower "
+                        "--batch_size); --metadata shows the signatures, --info --export_dir=... the limits",
     "UNAVAILABLE": "is the model server running and reachable at {target}? gRPC is port 8500, REST 8501 "
                    "(docs/serving.md has the docker run command); for a TLS server pass --tls_ca",
     "DEADLINE_EXCEEDED": "raise --timeout (now {timeout:g}s) or send fewer images per request (--batch_size)",
@@ -55,75 +56,6 @@ class ServingError(RuntimeError):
         fix = _FIXES.get(code, "see the server log").format(target=target, timeout=timeout)
         short = self.details if len(self.details) <= 400 else self.details[:400] + "..."
         super().__init__(f"{code} from {target}: {short} -> {fix}")
-
-
-# ----------------------------------------------------------------------------------------------- inputs
-
-def _list_files(paths) -> list[str]:
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            files += sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise ValueError(f"--inputs: {path} does not exist")
-    if not files:
-        raise ValueError(f"--inputs {' '.join(paths)} holds no .npy, .png or .jpg files")
-    return files
-
-
-def _npy_images(path) -> np.ndarray:
-    arr = np.load(path)
-    if arr.ndim == 3:  # [N, H, W] grayscale
-        arr = arr[..., None]
-    if arr.ndim != 4:
-        raise ValueError(f"{path}: expected an array [N, H, W, C] or [N, H, W], got shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    return arr.astype(np.float32)
-
-
-def load_inputs(paths, signature: str, channels: int = 0) -> tuple[list[str], object]:
-    """Returns (names, batch): float32 [N, H, W, C] in [0, 1] for image signatures, a list of bytes for
-    classify_encoded. Images decode at their own size; the server checks the shape."""
-    encoded = signature == "classify_encoded"
-    names, arrays, blobs = [], [], []
-    for path in _list_files(paths):
-        if path.lower().endswith(".npy"):
-            arr = _npy_images(path)
-            names += [f"{os.path.basename(path)}[{i}]" for i in range(len(arr))]
-            if encoded:
-                blobs += [_encode_png(img) for img in arr]
-            else:
-                arrays.append(arr)
-        elif path.lower().endswith(IMAGE_SUFFIXES):
-            names.append(os.path.basename(path))
-            with open(path, "rb") as f:
-                data = f.read()
-            if encoded:
-                blobs.append(data)
-            else:
-                arrays.append(_decode_image(data, channels)[None])
-        else:
-            raise ValueError(f"--inputs: {path} is neither .npy nor an image (.png, .jpg)")
-    if encoded:
-        return names, blobs
-    shapes = {a.shape[1:] for a in arrays}
-    if len(shapes) > 1:
-        raise ValueError(f"inputs have different sizes {sorted(shapes)}: resize them, or use "
-                         "--signature=classify_encoded, which resizes on the server")
-    return names, np.concatenate(arrays, axis=0)
-
-
-def _decode_image(data: bytes, channels: int) -> np.ndarray:
-    import tensorflow as tf
-    return tf.io.decode_image(data, channels=channels, dtype=tf.float32, expand_animations=False).numpy()
-
-
-def _encode_png(image01: np.ndarray) -> bytes:
-    import tensorflow as tf
-    return tf.io.encode_png(np.round(np.clip(image01, 0, 1) * 255).astype(np.uint8)).numpy()
 
 
 def _batches(values, batch_size):
@@ -323,6 +255,10 @@ def flag_values() -> flags.FlagValues:
     s("tls_ca", None, "PEM CA bundle: use TLS (gRPC ssl_channel_credentials / https)", flag_values=fv)
     b("rest", False, "use the REST API (port 8501) instead of gRPC", flag_values=fv)
     b("metadata", False, "print the served signatures (GetModelMetadata) and exit", flag_values=fv)
+    b("info", False, "print the model card of the export in --export_dir (no server needed) and exit",
+      flag_values=fv)
+    s("export_dir", None, "for --info: an export base (exports/mid_mnist: its newest version, or --model_version) "
+      "or one version directory", flag_values=fv)
     s("output", None, "write outputs: .npz (all outputs) or .npy (probabilities, or the regenerated images)",
       flag_values=fv)
     return fv
@@ -342,8 +278,19 @@ def _write_output(path, signature, outputs):
 
 def run(args, extra_inputs=()) -> int:
     """The CLI's work for parsed flags `args`; `extra_inputs`: more input paths (positional arguments)."""
+    if args.info:
+        if not args.export_dir:
+            raise ValueError("--info reads the model card from an export: pass --export_dir=exports/mid_mnist "
+                             "(the --export_base of mid-export)")
+        print(model_card_text(args.export_dir, args.model_version))
+        return 0
     if args.batch_size < 1 or args.timeout <= 0:
         raise ValueError("--batch_size must be >= 1 and --timeout > 0")
+    paths = [*args.inputs, *extra_inputs]
+    if not paths and not args.metadata:
+        raise ValueError("nothing to send: pass --inputs (files or directories), or --metadata")
+    # Inputs first: a bad file fails before any connection (and before the gRPC stubs load TensorFlow).
+    names, inputs = load_inputs(paths, args.signature, args.channels) if not args.metadata else (None, None)
     server = args.server or ("localhost:8501" if args.rest else "localhost:8500")
     client = RestClient(server, args.timeout, args.tls_ca) if args.rest else \
         GrpcClient(server, args.timeout, args.max_message_mb, args.tls_ca)
@@ -351,10 +298,6 @@ def run(args, extra_inputs=()) -> int:
         if args.metadata:
             print(format_metadata(client.metadata(args.model_name, args.model_version, args.version_label)))
             return 0
-        paths = [*args.inputs, *extra_inputs]
-        if not paths:
-            raise ValueError("nothing to send: pass --inputs (files or directories), or --metadata")
-        names, inputs = load_inputs(paths, args.signature, args.channels)
         parts = [client.predict(args.model_name, args.signature, chunk, args.model_version, args.version_label)
                  for chunk in _batches(inputs, args.batch_size)]
     finally:

@@ -6,28 +6,89 @@ Here the global step is the optimizer's `iterations`, saved with the model and o
 file atomically, so a kill mid-save leaves the previous checkpoint intact). On restart we restore,
 ask `make_stream(start_batch)` for the data from the batch where we stopped (the pipeline's order
 is a function of the seed), and finish the interrupted epoch before the remaining ones.
+
+The checkpointing callback is also the NaN/Inf guard: a non-finite loss stops training at once, and
+a checkpoint is written only when every weight and optimizer slot is finite. Otherwise a diverged run
+would rotate the good checkpoints out (the manager keeps two) and resuming could only diverge again.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import keras
 import tensorflow as tf
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/Inf loss or weights; nothing of it was checkpointed.
+
+    The stage runner fills in `stage`, `learning_rate_field` (the config field to lower) and
+    `learning_rate` (its value); `describe(flag_for)` also names the field's flag (the apps know flags)."""
+
+    def __init__(self, step: int, what: str, last_checkpoint: str | None):
+        self.step, self.what, self.last_checkpoint = step, what, last_checkpoint
+        self.stage: str | None = None
+        self.learning_rate_field: str | None = None
+        self.learning_rate: float | None = None
+        super().__init__(self.describe())
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def describe(self, flag_for=lambda field: None) -> str:
+        where = f"stage {self.stage}" if self.stage else "training"
+        kept = (f"the last checkpoint ({os.path.basename(self.last_checkpoint)}) holds finite weights from before"
+                if self.last_checkpoint else "no checkpoint was written")
+        field, flag = self.learning_rate_field, flag_for(self.learning_rate_field or "")
+        named = ", ".join(x for x in (f"--{flag}" if flag else None, field,
+                                      None if self.learning_rate is None else f"now {self.learning_rate:g}") if x)
+        retrain = f", then rerun with --retrain={self.stage}" if self.stage else ""
+        return (f"{where} diverged at step {self.step}: {self.what}. Stopped; {kept}. Resuming as it is would "
+                f"diverge again: lower the learning rate" + (f" ({named})" if named else "") + f"{retrain}.")
+
+
+def _non_finite_log(logs) -> str | None:
+    for name, value in (logs or {}).items():
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            return f"{name} is {value}"
+    return None
+
+
+def _non_finite_variable(variables) -> str | None:
+    floats = [v for v in variables if keras.backend.is_float_dtype(v.dtype)]
+    if not floats or bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in floats])):
+        return None  # one check (one device sync) in the usual case; the culprit is looked up only on failure
+    bad = next(v for v in floats if not bool(tf.reduce_all(tf.math.is_finite(v))))
+    return f"variable {getattr(bad, 'path', bad.name)} holds NaN/Inf"
+
+
 class _StepCheckpoint(keras.callbacks.Callback):
+    """Saves every `every` steps and at each epoch's end (first among the callbacks), finite states only."""
+
     def __init__(self, manager: tf.train.CheckpointManager, step: tf.Variable, every: int):
         super().__init__()
         self._manager, self._step, self._every = manager, step, every
 
+    def _fail(self, what: str):
+        raise NonFiniteError(int(self._step.numpy()), what, self._manager.latest_checkpoint)
+
+    def _save(self) -> None:
+        bad = _non_finite_variable([*self.model.weights, *self.model.optimizer.variables])
+        if bad:
+            self._fail(bad)
+        self._manager.save(checkpoint_number=int(self._step.numpy()))
+
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self._step.numpy())
-        if step % self._every == 0:
-            self._manager.save(checkpoint_number=step)
+        bad = _non_finite_log(logs)
+        if bad:
+            self._fail(bad)
+        if int(self._step.numpy()) % self._every == 0:
+            self._save()
 
     def on_epoch_end(self, epoch, logs=None):
-        self._manager.save(checkpoint_number=int(self._step.numpy()))
+        self._save()
 
 
 def fit_resumable(model: keras.Model, make_stream, *, epochs: int, steps_per_epoch: int, ckpt_dir: str,
