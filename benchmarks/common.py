@@ -10,23 +10,13 @@ import sys
 
 from absl import flags
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mid_tf.cli.common import fail, parse_flags  # noqa: E402,F401  (re-exported for the benchmarks)
+
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL_DIR = os.path.join(REPO, "..", "shared", "tools", "official_mid_timing")
 XLA_KERNEL_MODES = ("auto", "on", "off")  # mid_tf.kernels.xla.MODES, without importing TensorFlow here
-
-
-def fail(message) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
-def parse_flags(argv):
-    """`app.run`'s flag parser: absl's, but a bad flag exits with one line and status 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(fail(e))
 
 
 def define_xla_kernels_flag() -> None:

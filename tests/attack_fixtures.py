@@ -7,7 +7,6 @@ session fixtures; `functools.cache` makes the model train once per process.
 from __future__ import annotations
 
 import functools
-import os
 
 import keras
 import numpy as np
@@ -16,8 +15,9 @@ import tensorflow as tf
 from mid_tf.data.datasets import load_split
 from mid_tf.models.factory import build_models
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_DIR = os.environ.get("MID_DATA_DIR", os.path.join(REPO, "..", "shared", "data", "mnist"))
+from conftest import mnist_dir  # noqa: E402  (tests/ is on sys.path under pytest)
+
+DATA_DIR = mnist_dir()
 
 
 def train_target(width: float = 0.25, train_examples: int = 8000, epochs: int = 1, seed: int = 0,

@@ -2,7 +2,7 @@
 
 Tests never touch the network. Real MNIST comes from $MID_DATA_DIR, else the full offline copy at
 ../shared/data/mnist beside the repository when it is there, else the subset shipped in
-tests/data/mnist_subset (the first 6,000 training and 1,000 test images), so a fresh clone passes anywhere.
+tests/data/mnist_subset (the first 8,000 training and 1,000 test images), so a fresh clone passes anywhere.
 """
 
 from __future__ import annotations

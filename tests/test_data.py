@@ -22,7 +22,7 @@ def test_real_mnist_is_the_real_thing(mnist_data_dir):
     if (len(train), len(test)) == (60000, 10000):  # the full copy
         assert list(np.bincount(test.labels)) == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     else:  # the subset in tests/data: the first images of the same files
-        assert (len(train), len(test)) == (6000, 1000)
+        assert (len(train), len(test)) == (8000, 1000)
         assert list(np.bincount(test.labels)) == [85, 126, 116, 107, 110, 87, 87, 99, 89, 94]
 
 

@@ -46,15 +46,20 @@ def images01(n=6, seed=1):
     return (rng.integers(0, 256, size=(n, 28, 28, 1)) / 255.0).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A model_dir with all three stages marked done (tiny, untrained weights) and its models."""
-    model_dir = str(tmp_path_factory.mktemp("run"))
+def done_run(model_dir: str):
+    """A model_dir with all three stages marked done (tiny, untrained weights); returns its models."""
     models = tiny_models()
     artifacts.check_run_identity(model_dir, IDENTITY)
     for stage in ("target", "teacher", "mid"):
         artifacts.mark_done(model_dir, stage, models, {})
-    return model_dir, models
+    return models
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model_dir with all three stages done and its models."""
+    model_dir = str(tmp_path_factory.mktemp("run"))
+    return model_dir, done_run(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -222,10 +227,7 @@ CONFIG = {"data": {"dataset": "mnist"}, "mid": {"pool": "clean,pgd10", "epochs":
 def evaluated(tmp_path_factory):
     """A model_dir like `trained`, whose eval stage wrote its report and the run summary."""
     model_dir = str(tmp_path_factory.mktemp("evaluated"))
-    models = tiny_models()
-    artifacts.check_run_identity(model_dir, IDENTITY)
-    for stage in ("target", "teacher", "mid"):
-        artifacts.mark_done(model_dir, stage, models, {})
+    done_run(model_dir)
     artifacts.write_json_atomic(os.path.join(model_dir, "eval", "report.json"), REPORT)
     artifacts.write_json_atomic(os.path.join(model_dir, "summary.json"), {"config": CONFIG, "stages": {}})
     return model_dir

@@ -15,12 +15,13 @@ A bad flag or attack list ends the run with one line `error: ...` and status 2.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
+
+from mid_tf.cli.common import fail, parse_flags
 
 FLAGS = flags.FLAGS
 
@@ -109,19 +110,6 @@ def main(argv) -> int:
     print(f"{'attack':40s} {'kind':8s} {'n':>5s}")
     evaluate(specs, fn, x, y, slow_examples=FLAGS.slow_examples, seed=FLAGS.seed)
     return 0
-
-
-def fail(message) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
-def parse_flags(argv):
-    """absl's parse, but a bad flag ends the run as every other failure does: one line, status 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(fail(e))
 
 
 def run() -> None:

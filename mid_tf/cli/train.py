@@ -17,7 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from mid_tf import config  # noqa: E402  (no TensorFlow import: a bad flag fails within a second)
+from mid_tf import config  # noqa: E402
+from mid_tf.cli.common import fail  # noqa: E402  (no TensorFlow import: a bad flag fails within a second)
 
 FLAGS = flags.FLAGS
 
@@ -251,7 +252,7 @@ def main(argv) -> int:
     try:  # before TensorFlow is imported: a missing dataset is reported within a second or two
         preflight(FLAGS.dataset, FLAGS.data_dir, FLAGS.download)
     except DataError as e:
-        return _fail(e)
+        return fail(e)
     from mid_tf.artifacts import ArtifactError, FingerprintError
     from mid_tf.training.resumable import NonFiniteError
 
@@ -269,19 +270,14 @@ def main(argv) -> int:
         from mid_tf import stages
         summary = stages.run(cfg, retrain=retrain)
     except config.ConfigError as e:
-        return _fail(explain(e))
+        return fail(explain(e))
     except (FingerprintError, NonFiniteError) as e:
-        return _fail(e.describe(flag_for))
+        return fail(e.describe(flag_for))
     except (DataError, ArtifactError, FlagError, ValueError) as e:
-        return _fail(e)
+        return fail(e)
     print(stages.format_summary(summary))
     print(f"summary written to {os.path.join(cfg.model_dir, 'summary.json')}")
     return 0
-
-
-def _fail(message) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 def run() -> None:
