@@ -24,6 +24,7 @@ import tempfile
 
 import keras
 
+from mid_tf.data.datasets import DATASET_SHAPES
 from mid_tf.models import MIDModels, build_models, copy_teacher_head
 
 # Networks a completed stage may lack on disk (written by later versions): loading keeps their current
@@ -213,12 +214,21 @@ def check_run_identity(model_dir: str, identity: dict) -> None:
 
 
 def read_run_identity(model_dir: str) -> dict:
+    """run.json, checked: {dataset, width, seed} as train.py writes it."""
     path = os.path.join(model_dir, "run.json")
     if not os.path.isfile(path):
         raise ArtifactError(f"{model_dir} is not a mid_tf model_dir (no run.json). Train first with "
                             f"`python train.py --model_dir={model_dir}` or pass the right --model_dir.")
-    with open(path) as f:
-        return json.load(f)
+    fix = "it is written by train.py: pass the --model_dir of a trained run, or retrain into a new one"
+    try:
+        with open(path) as f:
+            identity = json.load(f)
+    except ValueError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(identity, dict) or identity.get("dataset") not in DATASET_SHAPES:
+        raise ArtifactError(f"{path} names no known dataset (got {json.dumps(identity)[:80]}; expected one of "
+                            f"{sorted(DATASET_SHAPES)} under \"dataset\"); {fix}")
+    return identity
 
 
 def load_stage(model_dir: str, stage: str, models: MIDModels) -> dict:

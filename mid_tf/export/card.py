@@ -18,7 +18,7 @@ import json
 import os
 import subprocess
 
-from mid_tf.data.datasets import DATASET_SHAPES
+from mid_tf import artifacts
 from mid_tf.export.errors import ExportError
 
 SCHEMA = "mid_tf.model_card/1"
@@ -43,17 +43,11 @@ def _read_json(path: str, what: str):
 
 
 def read_identity(model_dir: str) -> dict:
-    """run.json, checked: {dataset, width, seed} as train.py writes it."""
-    path = os.path.join(model_dir, "run.json")
-    if not os.path.isfile(path):
-        raise ExportError(f"{model_dir} is not a mid_tf model_dir (no run.json). Train first with "
-                          f"`python train.py --model_dir={model_dir}` or pass the right --model_dir.")
-    fix = "it is written by train.py: pass the --model_dir of a trained run, or retrain into a new one"
-    identity = _read_json(path, fix)
-    if not isinstance(identity, dict) or identity.get("dataset") not in DATASET_SHAPES:
-        raise ExportError(f"{path} names no known dataset (got {json.dumps(identity)[:80]}; expected one of "
-                          f"{sorted(DATASET_SHAPES)} under \"dataset\"); {fix}")
-    return identity
+    """run.json, checked (artifacts.read_run_identity), as an ExportError."""
+    try:
+        return artifacts.read_run_identity(model_dir)
+    except artifacts.ArtifactError as e:
+        raise ExportError(str(e)) from None
 
 
 def source_commit() -> dict:

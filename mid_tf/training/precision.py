@@ -24,10 +24,10 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from mid_tf.config import PRECISIONS
 from mid_tf.hardware import cpu_flags
 from mid_tf.models import MIDModels, build_models
 
-PRECISIONS = ("float32", "mixed_bfloat16")
 REQUESTABLE = ("auto", *PRECISIONS)   # what a run configuration may ask for
 
 
