@@ -2,6 +2,11 @@
 
     python benchmarks/train_step.py [--data_dir=DIR] [--model_dir=runs/mnist] [--batch=256] [--iters=3]
         [--variants=graph,order1,cache,eager,xla,bf16,mirrored] [--official] [--xla_kernels=auto]
+    python benchmarks/train_step.py --dataset=cifar10 --width=0.25 --batch=128 --variants=order1,cache,bf16_order1
+
+`--dataset=cifar10`: the same iteration on the ResNet family (32x32x3, `--width` as train.py's) with the pool
+in the 32x32 RGB threat model (8/255, steps of 2/255; mid_tf/attacks/registry.py), on random images, or on the
+first `--batch` images of an image folder given by --data_dir (configs/cifar10.flags' data).
 
 One iteration = the official loop's work (mln66/MID, meta_defense_MNIST_cls_simi_cyc.py lines 193-271):
 craft PGD-40 and MIM-40, untargeted and targeted to class 0 (eps 0.3, step 0.01), on the fixed LeNet-5
@@ -64,6 +69,9 @@ VARIANTS = ("graph", "order1", "batched", "cache", "eager", "xla", "bf16", "bf16
 flags.DEFINE_string("data_dir", os.environ.get("MID_DATA_DIR"),
                     "MNIST IDX directory; without it the benchmark uses uniform random images")
 flags.DEFINE_string("model_dir", None, "a train.py model_dir with target+teacher (else random init)")
+flags.DEFINE_enum("dataset", "mnist", ["mnist", "cifar10"], "mnist: LeNet-5, 28x28x1; cifar10: the ResNet family, "
+                  "32x32x3, RGB threat model")
+flags.DEFINE_float("width", 1.0, "channel multiplier of the networks (cifar10; train.py's --width)", lower_bound=0.01)
 flags.DEFINE_integer("batch", 256, "images per iteration", lower_bound=1)
 flags.DEFINE_integer("iters", 3, "timed iterations per variant (median)", lower_bound=1)
 flags.DEFINE_integer("attack_steps", 40, "steps of each pool attack (40 = the official pool; fewer only for smoke "
@@ -136,7 +144,8 @@ def build_mid(tf, keras, model_dir, meta_order: int, seed: int = 0, batched_runn
     from mid_tf.models import build_models
     from mid_tf.config import MIDStageConfig
     from mid_tf.training.meta import MetaInvarianceDefense
-    models = load_models(model_dir, ("target", "teacher")) if model_dir else build_models("mnist")
+    models = (load_models(model_dir, ("target", "teacher")) if model_dir
+              else build_models(FLAGS.dataset, width=FLAGS.width if FLAGS.dataset == "cifar10" else 1.0))
     pool = AttackPool(pool_names(attack_steps), seed=seed, batched_runner=batched_runner)
     mid = MetaInvarianceDefense(student_encoder=models.student_encoder, teacher_encoder=models.teacher_encoder,
                                 decoder=models.decoder, classifier=models.classifier, target=models.target,
@@ -186,15 +195,20 @@ def main(argv) -> int:
         variants.insert(0, "graph")
     if "mirrored" in variants and FLAGS.batch % 2:
         return fail("--batch must be even for the mirrored variant")
-    bench = setup(variants)
-    graph_row(bench)
-    kernel_rows(bench, variants)
-    float32_rows(bench, variants)
-    bf16_rows(bench, variants)
-    if "mirrored" in variants:
-        mirrored_row(bench)
-    if FLAGS.official:
-        official_comparison(bench)
+    if FLAGS.official and FLAGS.dataset != "mnist":
+        return fail("--official times the official MNIST loop; it needs --dataset=mnist")
+    from mid_tf.attacks import registry
+    with registry.threat_model(registry.threat_model_for(FLAGS.dataset)) as threat:
+        bench = setup(variants)
+        print(f"threat model {threat.describe()}")
+        graph_row(bench)
+        kernel_rows(bench, variants)
+        float32_rows(bench, variants)
+        bf16_rows(bench, variants)
+        if "mirrored" in variants:
+            mirrored_row(bench)
+        if FLAGS.official:
+            official_comparison(bench)
     return 0
 
 
@@ -208,15 +222,17 @@ def setup(variants) -> Bench:
     from mid_tf.training.precision import native_bfloat16
     bf16_native, _ = native_bfloat16()
     print(f"cpu: {cpu_model()}  cores: {os.cpu_count()}  tensorflow {tf.__version__}  keras {keras.__version__}  "
-          f"batch {FLAGS.batch}  native bfloat16: {bf16_native}  weights: {FLAGS.model_dir or 'random init'}")
+          f"dataset {FLAGS.dataset} (width {FLAGS.width if FLAGS.dataset == 'cifar10' else 1.0})  batch {FLAGS.batch}  native bfloat16: {bf16_native}  weights: {FLAGS.model_dir or 'random init'}")
     print(f"default kernels (graph row): {configure_xla_kernels()}")
+    shape = (28, 28, 1) if FLAGS.dataset == "mnist" else (32, 32, 3)
     if FLAGS.data_dir:
         from mid_tf.data.datasets import load_split
-        split = load_split("mnist", "train", FLAGS.data_dir, limit=FLAGS.batch)
+        name = "mnist" if FLAGS.dataset == "mnist" else "image_folder"
+        split = load_split(name, "train", FLAGS.data_dir, limit=FLAGS.batch)
         x = tf.constant(split.images.astype(np.float32) / 255.0)
         y = tf.constant(split.labels.astype(np.int32))
     else:
-        x = tf.random.stateless_uniform((FLAGS.batch, 28, 28, 1), [0, 1])
+        x = tf.random.stateless_uniform((FLAGS.batch, *shape), [0, 1])
         y = tf.random.stateless_uniform((FLAGS.batch,), [0, 2], 0, 10, tf.int32)
     peak32 = matmul_peak(tf, tf.float32)
     print(f"float32 2048x2048 matmul: {peak32:.0f} GFLOP/s")

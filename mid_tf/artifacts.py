@@ -24,7 +24,7 @@ import tempfile
 
 import keras
 
-from mid_tf.data.datasets import DATASET_SHAPES
+from mid_tf.data.datasets import KNOWN_DATASETS
 from mid_tf.models import MIDModels, build_models, copy_teacher_head
 
 # Networks a completed stage may lack on disk (written by later versions): loading keeps their current
@@ -225,9 +225,9 @@ def read_run_identity(model_dir: str) -> dict:
             identity = json.load(f)
     except ValueError as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); {fix}") from None
-    if not isinstance(identity, dict) or identity.get("dataset") not in DATASET_SHAPES:
+    if not isinstance(identity, dict) or identity.get("dataset") not in KNOWN_DATASETS:
         raise ArtifactError(f"{path} names no known dataset (got {json.dumps(identity)[:80]}; expected one of "
-                            f"{sorted(DATASET_SHAPES)} under \"dataset\"); {fix}")
+                            f"{list(KNOWN_DATASETS)} under \"dataset\"); {fix}")
     return identity
 
 
@@ -248,7 +248,9 @@ def load_stage(model_dir: str, stage: str, models: MIDModels) -> dict:
 def load_models(model_dir: str, stages=("target", "teacher", "mid")) -> MIDModels:
     """Builds the networks recorded in run.json and loads the weights of the completed `stages`."""
     identity = read_run_identity(model_dir)
-    models = build_models(identity["dataset"], width=identity.get("width", 1.0))
+    models = build_models(identity["dataset"], width=identity.get("width", 1.0),
+                          input_shape=identity.get("input_shape"),
+                          num_classes=len(identity.get("class_names", ())) or None)
     for stage in stages:
         if not is_done(model_dir, stage):
             raise ArtifactError(f"stage '{stage}' has not completed in {model_dir}; run "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mid_tf.data.datasets import DATASET_SHAPES
+from mid_tf.data.datasets import KNOWN_DATASETS
 
 KNOWN_STAGES = ("target", "teacher", "pgd_at", "trades", "mid", "eval")
 LR_SCHEDULES = ("constant", "cosine")
@@ -69,7 +69,7 @@ class DataConfig:
     eval_examples: int | None = None   # first N test examples (None = all)
 
     def validate(self) -> None:
-        _one_of(self.dataset, sorted(DATASET_SHAPES), "data.dataset")
+        _one_of(self.dataset, KNOWN_DATASETS, "data.dataset")
         for name in ("train_examples", "eval_examples"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"data.{name}", f"must be positive (or unset for all), got {value}")
@@ -84,6 +84,7 @@ class StageTrainConfig:
     lr_schedule: str = "cosine"         # cosine decays to 0 over the stage's steps
     reconstruction_weight: float = 1.0  # teacher only: CE + w * MSE reconstruction
     precision: str = "float32"          # training compute dtype; the saved weights stay float32
+    augment: bool = False               # random crops (pad 4) and flips (data/pipeline.py; natural images)
 
     def validate(self, stage: str) -> None:
         _check(self.epochs >= 0, f"{stage}.epochs", f"must be >= 0, got {self.epochs}")
@@ -164,6 +165,7 @@ class BaselineConfig:
     attack: str = "pgd10"          # inner attack (registry name): untargeted PGD/BIM/FGSM
     trades_beta: float = 6.0       # TRADES robustness weight (Zhang et al. 2019 on MNIST)
     eps_warmup_epochs: float = 2.0  # eps ramps linearly from 0 to the attack's eps (training/baselines.py says why)
+    augment: bool = False           # random crops and flips, as the target's
 
     def validate(self) -> None:
         _check(self.epochs >= 0, "baseline.epochs", f"must be >= 0, got {self.epochs}")

@@ -31,7 +31,8 @@ import tensorflow as tf
 import mid_tf
 from mid_tf import artifacts
 from mid_tf.config import KNOWN_STAGES, ConfigError, RunConfig
-from mid_tf.data import eval_dataset, load_split
+from mid_tf.attacks.registry import threat_model, threat_model_for
+from mid_tf.data import FOLDER_DATASETS, DataError, eval_dataset, load_split
 from mid_tf.models import MIDModels, build_autoencoder, build_models, build_pipeline, copy_teacher_head
 from mid_tf.training import distribute, metrics, precision, stage1
 
@@ -47,8 +48,13 @@ class Context:
     def train_split(self):
         if self._train_split is None:  # loaded lazily: a run with every stage done needs no training data
             d = self.cfg.data
-            self._train_split = load_split(d.dataset, "train", d.data_dir, download=d.download,
-                                           limit=d.train_examples)
+            train = load_split(d.dataset, "train", d.data_dir, download=d.download, limit=d.train_examples)
+            if train.images.shape[1:] != self.test_split.images.shape[1:] or (
+                    train.class_names and train.class_names != self.test_split.class_names):
+                raise DataError(f"{train.source}: the train split's images {train.images.shape[1:]} / classes "
+                                f"{train.class_names} differ from the test split's {self.test_split.images.shape[1:]}"
+                                f" / {self.test_split.class_names}; both splits must hold the same kind of images")
+            self._train_split = train
         return self._train_split
 
     @property
@@ -294,20 +300,35 @@ def run(cfg: RunConfig, retrain=()) -> dict:
     d = cfg.data
     # Test data first: it is small, and a missing dataset fails here, within seconds.
     test_split = load_split(d.dataset, "test", d.data_dir, download=d.download, limit=d.eval_examples)
+    identity, shape = run_identity(cfg, test_split)
+    threat = threat_model_for(d.dataset, shape[-1])
     # Helpers started by --eval_workers work in the main process's model_dir, under its lock.
-    with contextlib.nullcontext() if cfg.eval_helper else artifacts.lock_model_dir(cfg.model_dir):
-        artifacts.check_run_identity(cfg.model_dir, {"dataset": d.dataset, "width": cfg.width, "seed": cfg.seed})
+    with contextlib.nullcontext() if cfg.eval_helper else artifacts.lock_model_dir(cfg.model_dir), \
+            threat_model(threat):
+        artifacts.check_run_identity(cfg.model_dir, identity)
         for stage in discard:
             if artifacts.discard_stage(cfg.model_dir, stage):
                 print(f"retrain: discarded stage {stage} in {cfg.model_dir}", flush=True)
         keras.utils.set_random_seed(cfg.seed)
         with strategy.scope():  # every network and optimizer is created under the strategy
-            models = build_models(d.dataset, width=cfg.width)
+            models = build_models(d.dataset, width=cfg.width, input_shape=shape,
+                                  num_classes=len(identity.get("class_names", ())) or None)
             results = _run_stages(cfg, Context(cfg, models, None, test_split))
         summary = _summary(cfg, test_split, results, time.time() - start)
+        summary["threat_model"] = threat.describe()
         if not cfg.eval_helper:  # a helper's partial view never replaces the main process's summary
             artifacts.write_json_atomic(os.path.join(cfg.model_dir, "summary.json"), summary)
     return summary
+
+
+def run_identity(cfg: RunConfig, test_split) -> tuple[dict, tuple]:
+    """run.json's identity (dataset, width, seed; an image folder adds its image shape and class names, which
+    the export needs) and the input shape of the networks."""
+    identity = {"dataset": cfg.data.dataset, "width": cfg.width, "seed": cfg.seed}
+    shape = tuple(int(v) for v in test_split.images.shape[1:])
+    if cfg.data.dataset in FOLDER_DATASETS:
+        identity.update(input_shape=list(shape), class_names=list(test_split.class_names))
+    return identity, shape
 
 
 def _summary(cfg: RunConfig, test_split, results: dict, wall_time_s: float) -> dict:
@@ -327,7 +348,7 @@ def _summary(cfg: RunConfig, test_split, results: dict, wall_time_s: float) -> d
 
 def format_summary(summary: dict) -> str:
     lines = [f"mid_tf summary  dataset={summary['dataset']}  test examples={summary['eval_examples']}  "
-             f"wall time={summary['wall_time_s']:.1f}s"]
+             f"wall time={summary['wall_time_s']:.1f}s  threat model={summary.get('threat_model', '?')}"]
     for stage, res in summary["stages"].items():
         parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(res.items())
                  if isinstance(v, (int, float, str))]

@@ -178,10 +178,10 @@ def _rest_handler(servables: Servables):
             except (KeyError, ValueError, IndexError, TypeError) as e:
                 return self._reply(400, {"error": f"JSON Parse error / malformed request: {e}"})
             if len(outputs) == 1:
-                predictions = next(iter(outputs.values())).tolist()
+                predictions = _json_value(next(iter(outputs.values())))
             else:
                 keys = sorted(outputs)
-                predictions = [{k: outputs[k][i].tolist() for k in keys} for i in range(len(outputs[keys[0]]))]
+                predictions = [{k: _json_value(outputs[k][i]) for k in keys} for i in range(len(outputs[keys[0]]))]
             self._reply(200, {"predictions": predictions})
 
         def do_GET(self):
@@ -196,6 +196,15 @@ def _rest_handler(servables: Servables):
             self._reply(200, {"model_spec": {"name": servables.model_name, "version": str(version)},
                               "metadata": {"signature_def": json_format.MessageToDict(sig_map)}})
     return Handler
+
+
+def _json_value(value):
+    """An output as TF Serving's REST API writes it: string tensors as UTF-8 strings (names not ending in
+    `_bytes`), numbers as numbers."""
+    value = np.asarray(value)
+    if value.dtype == object or value.dtype.kind == "S":
+        return np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else b, otypes=[object])(value).tolist()
+    return value.tolist()
 
 
 def _rest_value(value):

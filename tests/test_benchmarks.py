@@ -21,6 +21,18 @@ def test_train_step_benchmark_runs_its_variants():
     assert any(line.startswith("bf16") for line in out.splitlines()), out  # a row or a 'skipped' line
 
 
+def test_train_step_benchmark_times_the_cifar10_step():
+    proc = subprocess.run([sys.executable, "benchmarks/train_step.py", "--dataset=cifar10", "--width=0.125",
+                           "--batch", "4", "--iters", "1", "--attack_steps", "2", "--variants", "order1,cache,bf16_order1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "MID_DATA_DIR": ""})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "dataset cifar10 (width 0.125)" in out and "threat model rgb: L-inf eps 0.03137 (8/255)" in out
+    assert "FLOPs per iteration" in out and "of matmul peak" in out
+    for variant in ("graph", "order1", "cache"):
+        assert any(line.startswith(variant) for line in out.splitlines()), out
+
+
 def test_time_to_accuracy_reads_the_validation_epochs(tmp_path, mnist_data_dir):
     """A tiny end-to-end run (1 epoch a stage, 1,024 images, width 1/4): the script launches train.py,
     reads validation.jsonl and reports the first epoch meeting the (here trivial) targets."""

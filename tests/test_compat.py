@@ -160,3 +160,42 @@ def test_keras_symbolic_build_still_reduces_the_whole_nested_batch():
         _upstream(trainer.TensorFlowTrainer._maybe_symbolic_build)(model, iterator=[(0, 0, iter([per_replica]))])
     (op, _, value), = strategy.calls
     assert op.upper() == "MEAN" and isinstance(value, tuple) and len(value) == 2
+
+
+def _bn_hvp_error(layer_cls) -> float:
+    """Relative error of a Hessian-vector product through a training-mode BatchNormalization layer of
+    `layer_cls`, against a central difference of the gradient (float64)."""
+    import keras
+    keras.utils.set_random_seed(0)
+    dense = keras.layers.Dense(3, dtype="float64")
+    bn = layer_cls(dtype="float64")
+    x = tf.random.stateless_normal((16, 4), [0, 1], dtype=tf.float64)
+    dense.build((None, 4))
+    bn.build((None, 3))
+    w0 = dense.kernel.value
+
+    def f(w):
+        return tf.reduce_sum(tf.sin(2.0 * bn(tf.matmul(x, w), training=True)))
+
+    def grad(w):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            value = f(w)
+        return tape.gradient(value, w)
+    v = tf.random.stateless_normal(w0.shape, [2, 3], dtype=tf.float64)
+    with tf.GradientTape() as outer:
+        outer.watch(w0)
+        gv = tf.reduce_sum(grad(w0) * v)
+    hvp = outer.gradient(gv, w0)
+    eps = 1e-5
+    fd = (grad(w0 + eps * v) - grad(w0 - eps * v)) / (2 * eps)
+    return float(tf.norm(hvp - fd) / tf.norm(fd))
+
+
+def test_keras_batchnorm_second_derivative_is_still_wrong_and_ours_is_exact():
+    """compat/batchnorm.py: Keras' layer (tf.nn.moments' stop_gradient) gets the Hessian wrong; ours does not."""
+    import keras
+
+    from mid_tf.compat.batchnorm import MetaBatchNormalization
+    assert _bn_hvp_error(keras.layers.BatchNormalization) > 1e-3
+    assert _bn_hvp_error(MetaBatchNormalization) < 1e-7

@@ -122,3 +122,19 @@ def test_train_py_without_data_exits_fast_naming_data_dir(tmp_path):
     assert proc.returncode != 0
     assert "--data_dir" in proc.stderr
     assert elapsed < 10, f"took {elapsed:.1f}s"
+
+
+def test_idx_split_carries_class_names_through_limit(mnist_data_dir):
+    split = load_split("mnist", "test", mnist_data_dir, limit=3)
+    assert split.class_names == tuple("0123456789") and len(split) == 3 and split.source.startswith("idx:")
+
+
+def test_tfds_splits_carry_each_datasets_class_names(tmp_path, monkeypatch):
+    """TFDS's label names under mock data; CIFAR-10's placeholder "0".."9" there is replaced by its real names."""
+    from mid_tf.data import class_names_for, datasets
+    monkeypatch.setattr(datasets, "_network_reachable", lambda timeout=3.0: True)  # no network is touched
+    with tfds.testing.mock_data(num_examples=2):
+        names = {n: load_split(n, "test", str(tmp_path), download=True).class_names
+                 for n in ("mnist", "fashion_mnist", "cifar10", "svhn_cropped")}
+    assert names == {n: class_names_for(n) for n in names}
+    assert names["fashion_mnist"][0] == "T-shirt/top" and names["cifar10"][-1] == "truck"

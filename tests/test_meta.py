@@ -345,6 +345,25 @@ def test_flagfiles_parse():
         assert "--mid_precision=auto -> " + auto in proc.stdout, proc.stdout
 
 
+@pytest.mark.parametrize("flagfile, expected", [
+    ("configs/cifar10.flags", "STAGES target,teacher,mid,pgd_at,eval DATASET image_folder WIDTH 0.25 AUGMENT True "
+                              "SOURCE target BATCH 128 2 CACHE 3 DIR runs/cifar10"),
+    ("configs/cifar10_whitebox.flags", "STAGES target,teacher,mid,pgd_at,eval DATASET image_folder WIDTH 0.25 "
+                                       "AUGMENT True SOURCE student BATCH 128 2 CACHE 0 DIR runs/cifar10_whitebox"),
+    ("configs/cifar10_gpu.flags", "STAGES target,teacher,mid,pgd_at,eval DATASET image_folder WIDTH 1.0 "
+                                  "AUGMENT True SOURCE target BATCH 256 4 CACHE 0 DIR runs/cifar10_gpu")])
+def test_cifar10_flagfiles_parse(flagfile, expected):
+    proc = subprocess.run([sys.executable, "-c", (
+        "import sys; sys.argv=['train.py', '--flagfile=%s']; import train; "
+        "from absl import flags; flags.FLAGS(sys.argv); cfg = train.build_config(); cfg.validate(); "
+        "print('STAGES', ','.join(cfg.stages), 'DATASET', cfg.data.dataset, 'WIDTH', cfg.width, 'AUGMENT', "
+        "cfg.target.augment and cfg.teacher.augment and cfg.baseline.augment, 'SOURCE', cfg.mid.attack_source, "
+        "'BATCH', cfg.mid.batch_size, cfg.mid.num_meta_train, 'CACHE', cfg.mid.attack_cache_epochs, "
+        "'DIR', cfg.model_dir)" % flagfile)], cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert expected in proc.stdout, proc.stdout
+
+
 def test_student_init_from_teacher_and_validation(tmp_path, mnist_small):
     from mid_tf.config import ConfigError, MIDStageConfig
     from mid_tf.data import Split

@@ -17,7 +17,7 @@ from mid_tf.evaluation.writers import REQUIRED_KEYS, SCHEMA, load_report, valida
 # Cheap settings for the eager-only attacks, same registered names.
 CHEAP = {"cw_l2": "max_iterations=10,binary_search_steps=1", "cw_l2_t0": "max_iterations=10,binary_search_steps=1",
          "spsa": "nb_iter=3,spsa_samples=16", "spsa_t0": "nb_iter=3,spsa_samples=16",
-         "autoattack": "max_iter=5,square_max_iter=20", "apgd_ce": "max_iter=5", "apgd_dlr": "max_iter=5",
+         "autoattack": "max_iter=5,square_max_iter=20", "autoattack_fast": "max_iter=5,square_max_iter=20", "apgd_ce": "max_iter=5", "apgd_dlr": "max_iter=5",
          "square": "max_iter=20", "deepfool": "max_iter=5", "spatial": "num_translations=2,num_rotations=2",
          **F.FEWER_STEPS}
 POOL = ("clean", "pgd10", "pgd10_t0", "mim10", "mim10_t0")

@@ -55,9 +55,11 @@ def test_round_trip_of_every_signature_equals_keras(served, grpc_client, mode):
     logits, regen = keras_outputs(models, images)
     for signature, inputs in [("classify", images), ("classify_encoded", _pngs(images))]:
         out = c.predict("mid_mnist", signature, inputs)
-        assert set(out) == {"logits", "probabilities", "classes"}
+        assert set(out) == {"logits", "probabilities", "classes", "class_names"}
         assert np.max(np.abs(out["logits"] - logits)) <= 1e-5
         np.testing.assert_array_equal(out["classes"], logits.argmax(-1))
+        names = [n.decode() if isinstance(n, bytes) else n for n in out["class_names"]]
+        assert names == [str(c) for c in logits.argmax(-1)]  # MNIST's class names are its digits
     out = c.predict("mid_mnist", "regenerate", images)
     assert set(out) == {"image"} and out["image"].shape == (5, 28, 28, 1)
     assert np.max(np.abs(out["image"] - regen)) <= 1e-5
@@ -144,7 +146,8 @@ def test_metadata_over_grpc_and_rest(served, grpc_client):
         assert meta["version"] == 1
         assert sorted(meta["signatures"]) == ["classify_encoded", "regenerate", "serving_default"]
         assert meta["signatures"]["serving_default"]["inputs"]["image"]["dtype"] == "float32"
-        assert sorted(meta["signatures"]["serving_default"]["outputs"]) == ["classes", "logits", "probabilities"]
+        assert sorted(meta["signatures"]["serving_default"]["outputs"]) == ["class_names", "classes", "logits",
+                                                                            "probabilities"]
     assert "serving_default: image float32[-1, -1, -1, -1] ->" in client.format_metadata(meta)
 
 
@@ -204,7 +207,7 @@ def test_cli_classifies_a_png_directory_and_writes_outputs(served, tmp_path, cap
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     logits, _ = keras_outputs(models, images)
-    assert [ln.split("\t")[:2] for ln in lines[:3]] == [[f"{i}.png", f"class {c}"]
+    assert [ln.split("\t")[:2] for ln in lines[:3]] == [[f"{i}.png", f"class {c} ({c})"]
                                                          for i, c in enumerate(logits.argmax(-1))]
     assert np.max(np.abs(np.load(out)["logits"] - logits)) <= 1e-5
     np.save(tmp_path / "x.npy", images[..., 0])  # [N, 28, 28] grayscale

@@ -11,6 +11,7 @@ CW-L2, SPSA (CleverHans) and the IBM ART attacks (`art_suite`) are eager-only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -34,7 +35,8 @@ METHOD_PARAMS = {
 }
 METHODS = ("clean",) + GRADIENT_METHODS + EAGER_CH_METHODS + tuple(art_suite.ART_PARAMS)
 _NORMS = {"fgm": (np.inf, 2), "bim": (np.inf, 2), "pgd": (np.inf, 2), "mim": (np.inf, 2), "spsa": (np.inf,),
-          "cw_l2": (2,), "deepfool": (2,), "jsma": (np.inf,), "spatial": (np.inf,)}
+          "cw_l2": (2,), "deepfool": (2,), "jsma": (np.inf,), "spatial": (np.inf,), "autoattack": (np.inf,),
+          "autoattack_fast": (np.inf,)}
 _KINDS = {"clean": "none", "cw_l2": "l2", "deepfool": "l2", "jsma": "l0", "spatial": "spatial"}
 _UNBOUNDED = ("clean", "cw_l2", "deepfool", "jsma", "spatial")  # no eps-ball (eps must be None)
 
@@ -114,7 +116,7 @@ def _validate(s: AttackSpec) -> None:
         bad("rand_init is only supported by pgd")
     if s.method == "clean" and s.target is not None:
         bad("clean cannot be targeted")
-    if s.method in ("deepfool", "spatial", "autoattack", "square") and s.target is not None:
+    if s.method in ("deepfool", "spatial", "autoattack", "autoattack_fast", "square") and s.target is not None:
         bad(f"{s.method} is untargeted only here")
     if s.method == "jsma" and s.target is None:
         bad("jsma needs a target policy (fixed:K, random or least_likely)")
@@ -191,11 +193,69 @@ def _mnist_defaults() -> dict[str, AttackSpec]:
 REGISTRY: dict[str, AttackSpec] = _mnist_defaults()
 
 
+# ---------------------------------------------------------------- per-dataset threat models
+@dataclasses.dataclass(frozen=True)
+class ThreatModel:
+    """The attack budget of a dataset: every registry spec's eps-ball is this one unless a spec overrides it.
+
+    The registry above is written in MNIST's budget (L-inf 0.3, L2 2.0). For another budget, L-inf specs take
+    eps = `linf` and step max(MNIST step scaled by linf / 0.3, linf / 4): 2/255 at 8/255, the standard PGD
+    step on CIFAR-10 (Madry et al. 2018, Rice et al. 2020), so the 40-step attacks travel 10 eps and the short
+    training attacks keep their step-to-eps ratio where it is larger; L2 specs scale eps and step by l2 / 2.0."""
+    name: str
+    linf: float
+    l2: float
+
+    def describe(self) -> str:
+        return f"{self.name}: L-inf eps {self.linf:.4g} ({self.linf * 255:.3g}/255), L2 eps {self.l2:g}"
+
+    def rescale(self, spec: AttackSpec) -> AttackSpec:
+        if self == MNIST_THREAT or spec.eps is None:
+            return spec
+        if spec.kind == "linf":
+            r, eps = self.linf / MNIST_THREAT.linf, self.linf
+            step = None if spec.eps_iter is None else min(eps, max(spec.eps_iter * r, eps / 4))
+        else:
+            r = self.l2 / MNIST_THREAT.l2
+            eps, step = spec.eps * r, None if spec.eps_iter is None else spec.eps_iter * r
+        return dataclasses.replace(spec, eps=eps, eps_iter=step)
+
+
+MNIST_THREAT = ThreatModel("mnist", 0.3, 2.0)
+RGB_THREAT = ThreatModel("rgb", 8 / 255, 0.5)  # 32x32 natural images: CIFAR-10, SVHN, image folders
+_GRAYSCALE_DATASETS = ("mnist", "fashion_mnist")
+
+
+def threat_model_for(dataset: str, channels: int | None = None) -> ThreatModel:
+    """MNIST's budget for MNIST, Fashion-MNIST and single-channel image folders, the RGB one otherwise."""
+    return MNIST_THREAT if dataset in _GRAYSCALE_DATASETS or channels == 1 else RGB_THREAT
+
+
+_active = {"threat": MNIST_THREAT, "registry": REGISTRY}
+
+
+def active_threat_model() -> ThreatModel:
+    return _active["threat"]
+
+
+@contextlib.contextmanager
+def threat_model(tm: ThreatModel):
+    """Within the block, registry names resolve in `tm`'s budget (every thread: the attack cache crafts in
+    one). A run enters it once for its dataset (stages.run); outside, the budget is MNIST's."""
+    previous = dict(_active)
+    _active.update(threat=tm, registry={n: tm.rescale(s) for n, s in REGISTRY.items()})
+    try:
+        yield tm
+    finally:
+        _active.update(previous)
+
+
 def get_spec(name_or_spec, registry: dict | None = None) -> AttackSpec:
-    """A spec from a registered name, optionally with overrides: 'pgd40:eps=0.2,nb_iter=10'."""
+    """A spec from a registered name (in the active threat model's budget), optionally with overrides:
+    'pgd40:eps=0.2,nb_iter=10'."""
     if isinstance(name_or_spec, AttackSpec):
         return name_or_spec
-    reg = REGISTRY if registry is None else registry
+    reg = _active["registry"] if registry is None else registry
     name, _, over = str(name_or_spec).strip().partition(":")
     if name not in reg:
         raise ValueError(f"unknown attack '{name}'; registered: {sorted(reg)}")
@@ -231,7 +291,7 @@ def parse_attack_list(text: str, registry: dict | None = None) -> list[AttackSpe
     """'pgd40:eps=0.2,nb_iter=10,mim40_t0' -> specs (see `split_attack_list`)."""
     groups = split_attack_list(text)
     if not groups:
-        raise ValueError(f"empty attack list; registered: {sorted(REGISTRY if registry is None else registry)}")
+        raise ValueError(f"empty attack list; registered: {sorted(_active['registry'] if registry is None else registry)}")
     return [get_spec(g, registry) for g in groups]
 
 

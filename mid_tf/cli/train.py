@@ -30,7 +30,8 @@ data_dir                   data.data_dir               Dataset directory: the fo
     prepared TFDS data dir. Default: $MID_DATA_DIR, else TFDS's default directory.
 download                   data.download               Let TFDS download the dataset when it is not found (with a
     progress bar); without network the run fails within seconds naming --data_dir. --nodownload: never download.
-dataset                    data.dataset                Dataset: mnist | fashion_mnist | cifar10 | svhn_cropped.
+dataset                    data.dataset                Dataset: mnist | fashion_mnist | cifar10 | svhn_cropped (TFDS
+    names) | image_folder (--data_dir holds train/<class>/* and test/<class>/*, or train.tar and test.tar).
 stages                     stages                      Stages to run, in pipeline order: target, teacher, pgd_at,
     trades, mid, eval.
 seed                       seed                        Random seed: weights, data order, attacks. Same seed, same run.
@@ -46,6 +47,9 @@ teacher_lr                 teacher.learning_rate       Adam learning rate of the
 reconstruction_weight      teacher.reconstruction_weight  Teacher loss: CE + w * MSE reconstruction.
 lr_schedule                target.lr_schedule          Learning-rate schedule of stage 1 and the baselines:
     constant | cosine.
+augment                    target.augment              Random crops (zero-padded by 4) and horizontal flips in the
+    training stream of the target, the teacher and the baselines (natural images; not MID: its cached
+    attacks belong to the unaugmented images).
 stage1_precision           target.precision            Compute dtype of target and teacher training: auto |
     float32 | mixed_bfloat16 (as --mid_precision).
 checkpoint_every           checkpoint_every            Steps between mid-epoch checkpoints.
@@ -109,7 +113,8 @@ eval_helper                eval_helper                 Internal: set on the help
 # Config fields set by a flag of another field (batch size, schedule and precision are shared).
 SHARED = {"teacher.batch_size": "batch_size", "baseline.batch_size": "batch_size", "mid.batch_size": "mid_batch_size",
           "teacher.lr_schedule": "lr_schedule", "baseline.lr_schedule": "lr_schedule",
-          "teacher.precision": "stage1_precision"}
+          "teacher.precision": "stage1_precision",
+          "teacher.augment": "augment", "baseline.augment": "augment"}
 # Fields given as absl comma lists (the other tuples are attack lists, strings: their specs hold commas).
 LISTS = ("mid.train_weights", "mid.test_weights", "eval_eps_sweep", "stages")
 
@@ -194,7 +199,8 @@ def build_config() -> config.RunConfig:
     F = FLAGS
     data = config.DataConfig(dataset=F.dataset, data_dir=F.data_dir, download=F.download,
                              train_examples=F.train_examples, eval_examples=F.eval_examples)
-    common = dict(batch_size=F.batch_size, lr_schedule=F.lr_schedule, precision=_precision("stage1_precision"))
+    common = dict(batch_size=F.batch_size, lr_schedule=F.lr_schedule, precision=_precision("stage1_precision"),
+                  augment=F.augment)
     mid = config.MIDStageConfig(
         epochs=F.mid_epochs, batch_size=F.mid_batch_size or F.batch_size, learning_rate=F.mid_lr,
         lr_schedule=F.mid_lr_schedule, lr_final_fraction=F.mid_lr_final_fraction,
@@ -209,7 +215,8 @@ def build_config() -> config.RunConfig:
         val_whitebox_attacks=_specs(F.val_whitebox_attacks))
     baseline = config.BaselineConfig(
         epochs=F.baseline_epochs, batch_size=F.batch_size, learning_rate=F.baseline_lr, lr_schedule=F.lr_schedule,
-        attack=F.baseline_attack, trades_beta=F.trades_beta, eps_warmup_epochs=F.baseline_eps_warmup_epochs)
+        attack=F.baseline_attack, trades_beta=F.trades_beta, eps_warmup_epochs=F.baseline_eps_warmup_epochs,
+        augment=F.augment)
     return config.RunConfig(
         model_dir=F.model_dir, data=data, stages=tuple(s.strip() for s in F.stages if s.strip()), seed=F.seed,
         width=F.width, checkpoint_every=F.checkpoint_every, verbose=F.verbose,

@@ -1,10 +1,12 @@
-"""Data: IDX reader, datasets by name, tf.data pipelines.
+"""Data: IDX reader, image folders, datasets by name, tf.data pipelines.
 
-`datasets` and `idx` need only NumPy, so `train.py` can check for the data before TensorFlow is
-imported; the tf.data pipelines are imported on first use.
+`datasets`, `folders` and `idx` need only NumPy (and Pillow, imported when images are decoded), so
+`train.py` can check for the data before TensorFlow is imported; the tf.data pipelines are imported on
+first use.
 """
 
-from mid_tf.data.datasets import DATA_DIR_ENV, DATASET_SHAPES, DataError, Split, load_split, preflight
+from mid_tf.data.datasets import (DATA_DIR_ENV, DATASET_SHAPES, FOLDER_DATASETS, KNOWN_DATASETS, DataError, Split,
+                                   class_names_for, load_split, preflight)
 
 _PIPELINE = ("eval_dataset", "steps_per_epoch", "train_stream")
 
@@ -16,4 +18,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["DATA_DIR_ENV", "DATASET_SHAPES", "DataError", "Split", "load_split", "preflight", *_PIPELINE]
+__all__ = ["DATA_DIR_ENV", "DATASET_SHAPES", "FOLDER_DATASETS", "KNOWN_DATASETS", "DataError", "Split",
+           "class_names_for", "load_split", "preflight", *_PIPELINE]

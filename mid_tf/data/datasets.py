@@ -1,6 +1,10 @@
-"""Datasets by name: MNIST-style IDX files from a local directory, or any TFDS dataset.
+"""Datasets by name: MNIST-style IDX files from a local directory, any TFDS dataset, or image folders.
 
-Resolution order for `load_split(name, split, data_dir)`:
+`image_folder` (FOLDER_DATASETS) is a team's own images under `data_dir` (`mid_tf/data/folders.py`:
+DIR/train/<class>/*, DIR/test/<class>/*, or the same as DIR/train.tar, DIR/test.tar); it has no fixed
+shape, so it is not in DATASET_SHAPES and `load_split` returns whatever shape the images have.
+
+Resolution order for a named dataset, `load_split(name, split, data_dir)`:
   1. `data_dir` (the `--data_dir` flag, else the `MID_DATA_DIR` environment variable) holding the
      four IDX files (`train-images-idx3-ubyte[.gz]`, ...) -> read them directly (MNIST, Fashion-MNIST).
   2. A prepared TFDS dataset in `data_dir` (or TFDS's default directory when no `data_dir` is given).
@@ -18,7 +22,8 @@ import socket
 
 import numpy as np
 
-from mid_tf.data import idx
+from mid_tf.data import folders, idx
+from mid_tf.data.split import DataError, Split
 
 DATA_DIR_ENV = "MID_DATA_DIR"
 
@@ -29,6 +34,17 @@ DATASET_SHAPES = {
     "cifar10": (32, 32, 3, 10),
     "svhn_cropped": (32, 32, 3, 10),
 }
+FOLDER_DATASETS = ("image_folder",)
+KNOWN_DATASETS = tuple(sorted((*DATASET_SHAPES, *FOLDER_DATASETS)))
+_DIGITS = tuple(str(d) for d in range(10))
+# Label order of each named dataset (TFDS's ClassLabel names; kept here so IDX files and configs need no TFDS).
+_CLASS_NAMES = {
+    "mnist": _DIGITS,
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    "svhn_cropped": _DIGITS,
+}
 _IDX_DATASETS = ("mnist", "fashion_mnist")
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -37,19 +53,16 @@ _IDX_FILES = {
 _DOWNLOAD_PROBE = ("storage.googleapis.com", 443)
 
 
-class DataError(RuntimeError):
-    """Data that is missing, unreadable or inconsistent; the message names the fix."""
+def _check_name(name: str) -> None:
+    if name not in KNOWN_DATASETS:
+        raise DataError(f"unknown dataset '{name}'; choose one of {list(KNOWN_DATASETS)}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """An in-memory split: uint8 images [N, H, W, C] and int64 labels [N]."""
-    images: np.ndarray
-    labels: np.ndarray
-    source: str  # where it was read from, for the run summary
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
+def class_names_for(name: str) -> tuple | None:
+    """The class names of a named dataset in label order; None for image_folder, whose names come from
+    its folders (`load_split(...).class_names`)."""
+    _check_name(name)
+    return _CLASS_NAMES.get(name)
 
 
 def resolve_data_dir(data_dir: str | None) -> str | None:
@@ -76,7 +89,7 @@ def _find_idx(data_dir: str, stem: str) -> str | None:
     return None
 
 
-def _load_idx_split(data_dir: str, split: str) -> Split | None:
+def _load_idx_split(name: str, data_dir: str, split: str) -> Split | None:
     stems = _IDX_FILES[split]
     paths = [_find_idx(data_dir, s) for s in stems]
     if not any(paths):
@@ -94,7 +107,8 @@ def _load_idx_split(data_dir: str, split: str) -> Split | None:
                         "form an image/label pair")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise DataError(f"{paths[1]}: labels outside 0..9")
-    return Split(images[..., None].astype(np.uint8), labels.astype(np.int64), source=f"idx:{data_dir}")
+    return Split(images[..., None].astype(np.uint8), labels.astype(np.int64), source=f"idx:{data_dir}",
+                 class_names=_CLASS_NAMES[name])
 
 
 def _network_reachable(timeout: float = 3.0) -> bool:
@@ -135,7 +149,19 @@ def _load_tfds_split(name: str, split: str, data_dir: str | None, download: bool
     if not images:
         raise DataError(f"TFDS dataset '{name}' split '{split}' is empty in {data_dir or 'the default directory'}")
     return Split(np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int64),
-                 source=f"tfds:{name}")
+                 source=f"tfds:{name}", class_names=_tfds_class_names(name, builder))
+
+
+def _tfds_class_names(name: str, builder) -> tuple | None:
+    """TFDS's own label names (ClassLabel). CIFAR-10's builder knows only "0".."9" until its download step
+    reads batches.meta.txt (so under tfds.testing.mock_data too): placeholder names fall back to ours."""
+    try:
+        names = tuple(builder.info.features["label"].names)
+    except (KeyError, AttributeError):
+        names = ()
+    if names == tuple(str(i) for i in range(len(names))):
+        return _CLASS_NAMES.get(name, names or None)
+    return names
 
 
 def _tfds_default_dir() -> str:
@@ -145,12 +171,14 @@ def _tfds_default_dir() -> str:
 def preflight(name: str, data_dir: str | None = None, download: bool = False) -> None:
     """Fails in milliseconds, before TensorFlow is even imported, when the data cannot be found.
 
-    Checks only for presence (IDX files, or a prepared TFDS dataset's dataset_info.json); reading
-    and validating happens in `load_split`.
+    Checks only for presence (IDX files, a prepared TFDS dataset's dataset_info.json, or image_folder's
+    train/ + test/ folders or tars); reading and validating happens in `load_split`.
     """
-    if name not in DATASET_SHAPES:
-        raise DataError(f"unknown dataset '{name}'; choose one of {sorted(DATASET_SHAPES)}")
+    _check_name(name)
     data_dir = _checked_data_dir(data_dir)
+    if name in FOLDER_DATASETS:
+        folders.preflight(data_dir)
+        return
     if data_dir is not None and name in _IDX_DATASETS and any(
             _find_idx(data_dir, s) for stems in _IDX_FILES.values() for s in stems):
         return
@@ -167,15 +195,22 @@ def preflight(name: str, data_dir: str | None = None, download: bool = False) ->
 
 def load_split(name: str, split: str, data_dir: str | None = None, *, download: bool = False,
                limit: int | None = None) -> Split:
-    """Loads `split` ('train' or 'test') of dataset `name`, optionally only the first `limit` examples."""
-    if name not in DATASET_SHAPES:
-        raise DataError(f"unknown dataset '{name}'; choose one of {sorted(DATASET_SHAPES)}")
+    """Loads `split` ('train' or 'test') of dataset `name`, optionally only the first `limit` examples.
+
+    For image_folder the examples come in a fixed pseudo-random order (np.random.default_rng(0)), so the
+    first `limit` are a class-mixed subset, the same on every run; `download` does not apply to it.
+    """
+    _check_name(name)
     if split not in _IDX_FILES:
         raise DataError(f"unknown split '{split}'; use 'train' or 'test'")
+    if limit is not None and limit <= 0:
+        raise DataError(f"example limit must be positive, got {limit}")
     data_dir = _checked_data_dir(data_dir)
+    if name in FOLDER_DATASETS:
+        return folders.load_folder_split(data_dir, split, limit)
     result = None
     if data_dir is not None and name in _IDX_DATASETS:
-        result = _load_idx_split(data_dir, split)
+        result = _load_idx_split(name, data_dir, split)
     if result is None:
         result = _load_tfds_split(name, split, data_dir, download)
     h, w, c, _ = DATASET_SHAPES[name]
@@ -183,7 +218,5 @@ def load_split(name: str, split: str, data_dir: str | None = None, *, download: 
         raise DataError(f"{result.source}: images have shape {result.images.shape[1:]}, expected {(h, w, c)} "
                         f"for '{name}'")
     if limit is not None:
-        if limit <= 0:
-            raise DataError(f"example limit must be positive, got {limit}")
-        result = Split(result.images[:limit], result.labels[:limit], result.source)
+        result = dataclasses.replace(result, images=result.images[:limit], labels=result.labels[:limit])
     return result

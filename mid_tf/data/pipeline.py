@@ -17,8 +17,27 @@ def _to_float(images):
     return tf.cast(images, tf.float32) / 255.0
 
 
-def train_stream(split: Split, batch_size: int, seed: int, start_batch: int = 0, extra=None) -> tf.data.Dataset:
+def augment_batch(images, seed):
+    """Standard CIFAR augmentation (He et al. 2016): a random 32x32 crop of the image zero-padded by 4 pixels
+    on each side, and a random horizontal flip, per image. Stateless (`seed`: int32 [2]), so a resumed
+    stream redraws exactly the crops it would have drawn."""
+    shape = tf.shape(images)
+    padded = tf.pad(images, [[0, 0], [4, 4], [4, 4], [0, 0]])
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    crop_seeds = tf.random.experimental.stateless_split(seeds[0], shape[0])
+    flip_seeds = tf.random.experimental.stateless_split(seeds[1], shape[0])
+
+    def one(args):
+        image, crop_seed, flip_seed = args
+        image = tf.image.stateless_random_crop(image, tf.shape(images)[1:], crop_seed)
+        return tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return tf.map_fn(one, (padded, crop_seeds, flip_seeds), fn_output_signature=images.dtype)
+
+
+def train_stream(split: Split, batch_size: int, seed: int, start_batch: int = 0, extra=None,
+                 augment: bool = False) -> tf.data.Dataset:
     """Infinite stream of (image, label) batches, reshuffled each epoch, starting at `start_batch`.
+    `augment`: random crops and flips (`augment_batch`), seeded by (seed, batch index).
 
     `extra` (an array with the split's examples on axis 0, e.g. cached adversarial tasks) is
     gathered alongside: the stream then yields (image, label, extra).
@@ -30,7 +49,13 @@ def train_stream(split: Split, batch_size: int, seed: int, start_batch: int = 0,
     images = tf.constant(split.images)
     labels = tf.constant(split.labels)
     ds = _index_batches(n, batch_size, seed, start_batch)
-    if extra is None:
+    if augment:
+        if extra is not None:
+            raise ValueError("augmentation cannot be combined with per-example extras (cached attacks)")
+        ds = ds.enumerate(start_batch).map(
+            lambda b, i: (augment_batch(_to_float(tf.gather(images, i)), tf.stack([seed, tf.cast(b, tf.int32)])),
+                          tf.gather(labels, i)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    elif extra is None:
         ds = ds.map(lambda i: (_to_float(tf.gather(images, i)), tf.gather(labels, i)),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     elif hasattr(extra, "gather"):  # filled while training runs (training/attack_cache.py): waits per batch

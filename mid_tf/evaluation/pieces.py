@@ -171,7 +171,7 @@ def _run_checks(bench: Workbench, m: str, n: int) -> dict:
     if s.eps_sweep:
         value["eps_sweep"] = {}
         for eps in s.eps_sweep:
-            spec = get_spec(s.sweep_attack).replace(eps=float(eps), eps_iter=max(float(eps) / 10, 0.01))
+            spec = get_spec(s.sweep_attack).replace(eps=float(eps), eps_iter=min(float(eps), max(float(eps) / 10, 0.01)))
             adv = craft(spec, f, x, y, batch_size=s.batch_size, seed=s.seed, progress=False)
             value["eps_sweep"][f"{float(eps):g}"] = accuracy(f, adv, y)
     return value

@@ -23,6 +23,7 @@ import platform
 
 import tensorflow as tf
 
+from mid_tf.attacks import registry
 from mid_tf.evaluation.inputs import ReportInput
 from mid_tf.evaluation.memo import ReportMemo
 from mid_tf.evaluation.pieces import Workbench, open_workbench, plan, regeneration_quality
@@ -73,7 +74,8 @@ def _skeleton(bench: Workbench) -> dict:
               "dataset": s.dataset, "examples": int(len(x)), "seed": int(s.seed), "versions": _versions(),
               "config": s.config or {}, "models": list(bench.fns), "pool": [base_name(p) for p in s.pool],
               "attacks": {}, "clean": {m: accuracy(f, x, y) for m, f in bench.fns.items()}, "transfer": {},
-              "whitebox": {}, "regeneration": {}, "eps_sweep": {}, "zero_gradient_fraction": {}}
+              "whitebox": {}, "regeneration": {}, "eps_sweep": {}, "zero_gradient_fraction": {},
+              "threat_model": registry.active_threat_model().describe()}
     if bench.regen_fn is not None:
         report["regeneration"]["clean"] = regeneration_quality(bench.regen_fn, x, x)
     return report

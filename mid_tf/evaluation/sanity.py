@@ -26,7 +26,7 @@ from mid_tf.attacks import get_spec
 # (weaker, stronger): the stronger attack of a pair must not leave higher accuracy than the weaker one.
 STRENGTH_PAIRS = (("fgsm", "bim40"), ("fgsm", "pgd40"), ("fgsm", "mim40"), ("fgsm_t0", "pgd40_t0"),
                   ("pgd10", "pgd40"), ("pgd40", "autoattack"), ("apgd_ce", "autoattack"),
-                  ("apgd_dlr", "autoattack"), ("square", "autoattack"))
+                  ("apgd_dlr", "autoattack_fast"), ("autoattack_fast", "autoattack"), ("square", "autoattack"))
 TOLERANCE = 0.01  # accuracy points (as a fraction) a check allows before it flags
 
 

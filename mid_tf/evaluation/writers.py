@@ -67,7 +67,8 @@ def format_markdown(report: dict) -> str:
     lines = [f"# Robustness report: {report['dataset']}, {report['examples']} test images",
              "", f"Created {report['created']}, seed {report['seed']}, versions "
              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
-             f"Known = the attack's family is in the MID training pool {report['pool']}; eager-only attacks "
+             f"Threat model {report.get('threat_model', 'mnist: L-inf eps 0.3, L2 eps 2 (recorded before threat models)')}"
+             ". Known = the attack's family is in the MID training pool {report['pool']}; eager-only attacks "
              "use the example count in their row. Accuracies in %.", "",
              "| | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models),
              "| clean | " + " | ".join(_pct(report["clean"][m]) for m in models) + " |"]

@@ -19,19 +19,13 @@ import os
 import subprocess
 
 from mid_tf import artifacts
+from mid_tf.data import DATASET_SHAPES, class_names_for
 from mid_tf.export.errors import ExportError
 
 SCHEMA = "mid_tf.model_card/1"
 CARD_JSON, CARD_MD = "model_card.json", "model_card.md"
 NOT_EVALUATED = "not evaluated"
 DEPLOYED_MODEL = "mid"  # the report's name for C_s(E_s(x)), the network the export serves
-CLASS_NAMES = {
-    "mnist": [str(d) for d in range(10)],
-    "svhn_cropped": [str(d) for d in range(10)],  # TFDS maps SVHN's label 10 to the digit 0
-    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                      "Ankle boot"],
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-}
 
 
 def _read_json(path: str, what: str):
@@ -153,6 +147,7 @@ def build_card(model_dir: str, *, allow_unevaluated: bool = False) -> dict:
             "trained with; trained stages are loaded, not retrained), or pass --allow_unevaluated to export it "
             f"with a model card that says \"{NOT_EVALUATED}\".")
     card = unevaluated_card(identity["dataset"])
+    card["class_names"] = identity.get("class_names") or card["class_names"]  # an image folder's, from run.json
     card["source"].update(model_dir=os.path.abspath(model_dir), run=identity)
     card["config"] = summary.get("config") or "unknown: no summary.json in the model_dir"
     if found is not None:
@@ -165,8 +160,14 @@ def unevaluated_card(dataset: str | None) -> dict:
     return {"schema": SCHEMA, "model": "MID classifier C_s(E_s(x)): the meta-trained student encoder and its "
             "classifier head (regenerator D_t(E_s(x)) in the 'regenerate' signature)",
             "deployed_model": DEPLOYED_MODEL, "dataset": dataset,
-            "class_names": CLASS_NAMES.get(dataset), "source": {"model_dir": None, **source_commit()},
+            "class_names": _class_names(dataset), "source": {"model_dir": None, **source_commit()},
             "config": "unknown", "evaluation": {"status": NOT_EVALUATED}, "threat_model": {"status": NOT_EVALUATED}}
+
+
+def _class_names(dataset: str | None) -> list | None:
+    """A named dataset's class names in label order (an image folder's come from run.json)."""
+    names = class_names_for(dataset) if dataset in DATASET_SHAPES else None
+    return list(names) if names else None
 
 
 def is_evaluated(card: dict) -> bool:

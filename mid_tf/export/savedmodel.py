@@ -4,9 +4,10 @@ Why a hand-written `tf.Module` rather than `model.export()`: Keras names the out
 one endpoint per model, and validates nothing. TF Serving clients need stable, named tensors, several
 signatures over the same weights, and errors that say what was wrong with the request:
 
-  serving_default   image float32 [batch, H, W, C] in [0, 1] -> logits, probabilities, classes (int64)
+  serving_default   image float32 [batch, H, W, C] in [0, 1] -> logits, probabilities, classes (int64),
+                                                                class_names (string: the class's name)
   regenerate        image                                    -> image  (D_t(E_s(x)), clipped to [0, 1])
-  classify_encoded  image_bytes string [batch] (PNG/JPEG)    -> logits, probabilities, classes
+  classify_encoded  image_bytes string [batch] (PNG/JPEG)    -> logits, probabilities, classes, class_names
 
 The `image` input is declared [-1, -1, -1, -1] on purpose: a wrong height, width or channel count then
 reaches the in-graph checks (export/checks.py) and comes back as INVALID_ARGUMENT with a message naming
@@ -35,7 +36,7 @@ from mid_tf.kernels import xla
 from mid_tf.models import build_pipeline, build_regenerator
 
 SIGNATURES = ("serving_default", "regenerate", "classify_encoded")
-CLASSIFY_OUTPUTS = ("logits", "probabilities", "classes")
+CLASSIFY_OUTPUTS = ("logits", "probabilities", "classes", "class_names")
 EXPORT_JSON = "export.json"
 ASSETS_EXTRA = "assets.extra"
 
@@ -43,8 +44,14 @@ ASSETS_EXTRA = "assets.extra"
 class MIDServingModule(tf.Module):
     """Holds the variables and the three signature functions (inference only, no training flags)."""
 
-    def __init__(self, pipeline, regenerator, input_shape, num_classes, limits: ServingLimits | None = None):
+    def __init__(self, pipeline, regenerator, input_shape, num_classes, limits: ServingLimits | None = None,
+                 class_names=None):
         super().__init__(name="mid_serving")
+        names = [str(n) for n in class_names] if class_names else [str(i) for i in range(int(num_classes))]
+        if len(names) != int(num_classes):
+            raise ExportError(f"{len(names)} class names for a model with {num_classes} classes: {names}")
+        self.class_names = names
+        name_table = tf.constant(names)
         shape = tuple(int(d) for d in input_shape)
         limits = limits or ServingLimits()
         seen, variables = set(), []
@@ -59,8 +66,9 @@ class MIDServingModule(tf.Module):
 
         def classify_outputs(image):
             logits = tf.cast(pipeline(image, training=False), tf.float32)
-            return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1),
-                    "classes": tf.argmax(logits, axis=-1, output_type=tf.int64)}
+            classes = tf.argmax(logits, axis=-1, output_type=tf.int64)
+            return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1), "classes": classes,
+                    "class_names": tf.gather(name_table, classes)}
 
         image_spec = tf.TensorSpec([None, None, None, None], tf.float32, name="image")
         bytes_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
@@ -88,11 +96,12 @@ class MIDServingModule(tf.Module):
                 "classify_encoded": self.classify_encoded.get_concrete_function()}
 
 
-def build_serving_module(models, limits: ServingLimits | None = None) -> MIDServingModule:
-    """The deployed MID model: C(E_s(x)) for classification, D_t(E_s(x)) for regeneration."""
+def build_serving_module(models, limits: ServingLimits | None = None, class_names=None) -> MIDServingModule:
+    """The deployed MID model: C(E_s(x)) for classification, D_t(E_s(x)) for regeneration; `class_names`
+    (label order; default "0", "1", ...) become the `class_names` output."""
     return MIDServingModule(build_pipeline(models.student_encoder, models.student_classifier, name="mid_pipeline"),
                             build_regenerator(models.student_encoder, models.decoder, name="mid_regenerator"),
-                            models.input_shape, models.num_classes, limits)
+                            models.input_shape, models.num_classes, limits, class_names)
 
 
 def signature_summary(path: str) -> dict:
@@ -128,7 +137,7 @@ def _write_assets_extra(path: str, module: MIDServingModule, model_name: str, ve
     card_lib.write_card(extra, dict(card, input=spec))
     _write_json(os.path.join(extra, EXPORT_JSON), {
         "model_name": model_name, "version": version, "input_shape": module.input_shape,
-        "num_classes": module.num_classes, "value_range": [0.0, 1.0], "limits": spec["limits"],
+        "num_classes": module.num_classes, "class_names": module.class_names, "value_range": [0.0, 1.0], "limits": spec["limits"],
         "model_card": {"files": [card_lib.CARD_JSON, card_lib.CARD_MD], "evaluated": card_lib.is_evaluated(card),
                        "commit": card["source"]["commit"]},
         "signatures": signature_summary(path), "tensorflow_version": tf.__version__,
@@ -199,7 +208,7 @@ def export_model(models, export_base: str, version: int | None = None, *, overwr
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with xla.stock_ops():  # the served graph: standard kernels only, nothing for Serving to JIT
-            module = build_serving_module(models, limits)
+            module = build_serving_module(models, limits, card.get("class_names"))
             tf.saved_model.save(module, tmp, signatures=module.signatures())
         _write_assets_extra(tmp, module, model_name, version, metadata, card)
         if verify:

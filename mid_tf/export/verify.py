@@ -38,7 +38,8 @@ for name, kwargs in [("classify", {"image": tf.constant(data["image"])}),
                      ("classify_encoded", {"image_bytes": tf.constant(pngs)})]:
     fn = sigs["serving_default" if name == "classify" else name]
     for key, value in fn(**kwargs).items():
-        out[name + "/" + key] = value.numpy()
+        v = value.numpy()
+        out[name + "/" + key] = v.astype(str) if v.dtype == object else v  # class names: bytes -> str (no pickle)
 leaked = sorted(foreign() - baseline)
 if leaked:
     raise SystemExit("the SavedModel needed Python modules TF Serving does not have: " + ", ".join(leaked[:5]))

@@ -42,19 +42,31 @@ class MIDModels:
     trades: keras.Model | None = None
 
 
-def family_for(dataset: str):
+def family_for(dataset: str, input_shape=None, num_classes=None):
+    """(family module, input shape, classes) for a named dataset, or for an image folder from the shape its
+    images have: 28x28x1 -> LeNet-5, anything else with sides divisible by 8 -> the ResNet family."""
+    if input_shape is not None:
+        shape = tuple(int(d) for d in input_shape)
+        if shape == (28, 28, 1):
+            return lenet, shape, int(num_classes or 10)
+        if len(shape) != 3 or shape[0] % 8 or shape[1] % 8:
+            raise ValueError(f"images of shape {shape}: the ResNet family needs height and width divisible by 8 "
+                             "(e.g. 32x32x3); resize the images")
+        return resnet, shape, int(num_classes or 10)
     if dataset not in _FAMILIES:
         raise ValueError(f"no model family for dataset '{dataset}'; known: {sorted(_FAMILIES)}")
     return _FAMILIES[dataset]
 
 
-def build_models(dataset: str = "mnist", width: float = 1.0, student_width: float | None = None) -> MIDModels:
-    """All MID networks for `dataset`. `width` scales channels (tests use small widths).
+def build_models(dataset: str = "mnist", width: float = 1.0, student_width: float | None = None, *,
+                 input_shape=None, num_classes=None) -> MIDModels:
+    """All MID networks for `dataset` (or, with `input_shape`, for an image folder's images; family_for).
+    `width` scales channels (tests use small widths).
 
     `student_width` may differ from the teacher's only if the feature shapes still match (they do
     not for LeNet: the classifier and decoder are built for the teacher's feature shape).
     """
-    module, shape, classes = family_for(dataset)
+    module, shape, classes = family_for(dataset, input_shape, num_classes)
     student_width = width if student_width is None else student_width
     models = MIDModels(
         target=module.build_target(shape, classes, width=width, name="target"),

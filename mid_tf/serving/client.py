@@ -28,9 +28,9 @@ from mid_tf.serving.local import load_inputs, model_card_text, version_dir  # no
 
 # CLI signature name -> (SavedModel signature key, input tensor name, outputs in display order)
 SIGNATURES = {
-    "classify": ("serving_default", "image", ("logits", "probabilities", "classes")),
+    "classify": ("serving_default", "image", ("logits", "probabilities", "classes", "class_names")),
     "regenerate": ("regenerate", "image", ("image",)),
-    "classify_encoded": ("classify_encoded", "image_bytes", ("logits", "probabilities", "classes")),
+    "classify_encoded": ("classify_encoded", "image_bytes", ("logits", "probabilities", "classes", "class_names")),
 }
 _FIXES = {
     "NOT_FOUND": "check --model_name (the name in models.config) and --model_version/--version_label: only "
@@ -305,8 +305,10 @@ def run(args, extra_inputs=()) -> int:
             client.close()
     outputs = {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
     if "classes" in outputs:
-        for name, cls, probs in zip(names, outputs["classes"], outputs["probabilities"]):
-            print(f"{name}\tclass {int(cls)}\tp={float(np.max(probs)):.4f}")
+        labels = outputs.get("class_names", [None] * len(names))
+        for name, cls, label, probs in zip(names, outputs["classes"], labels, outputs["probabilities"]):
+            label = f" ({label.decode() if isinstance(label, bytes) else label})" if label is not None else ""
+            print(f"{name}\tclass {int(cls)}{label}\tp={float(np.max(probs)):.4f}")
     else:
         print(f"regenerated {len(names)} images, shape {outputs['image'].shape[1:]}, "
               f"range [{outputs['image'].min():.3f}, {outputs['image'].max():.3f}]")

@@ -136,6 +136,8 @@ def train_baseline(models, split, cfg, method: str, *, seed: int, model_dir: str
     model.compile(optimizer=make_optimizer(cfg, cfg.epochs * spe))
     model.optimizer.build(net.trainable_variables)
     tb = keras.callbacks.TensorBoard(os.path.join(model_dir, "logs", method), update_freq="epoch")
-    return fit_resumable(model, lambda start: train_stream(split, cfg.batch_size, seed=seed + 2, start_batch=start),
+    stream = lambda start: train_stream(split, cfg.batch_size, seed=seed + 2, start_batch=start,  # noqa: E731
+                                        augment=cfg.augment)
+    return fit_resumable(model, stream,
                          epochs=cfg.epochs, steps_per_epoch=spe, ckpt_dir=os.path.join(model_dir, method, "ckpt"),
                          checkpoint_every=checkpoint_every, callbacks=[tb, *callbacks], verbose=verbose)

@@ -21,6 +21,15 @@ Only E_s is trainable; E_t, D_t, C and the target are frozen by construction (`t
 With a `student_classifier` (`MIDStageConfig.train_head`) θ also holds a student head C_s, initialised
 from C: the label term becomes CE(C_s(E_s(x~)), y), the deployed pipeline C_s(E_s(·)); C itself stays
 frozen (the feature and cyclic terms do not use a head).
+BatchNorm (the ResNet family for natural images): every L(·) runs E_s in training mode, so each pass
+normalises with the statistics of its own input batch: L_train with those of concat(S) (the k meta-train
+tasks pooled, as one batch of k·B), L_test at θ' with those of the held-out task alone. The batch
+statistics are functions of the weights, so they are part of J(θ) and the outer tape differentiates
+through them too (tests/test_rgb.py checks the second-order gradient against finite differences on a
+BatchNorm ResNet). BN's scale and offset are in θ and take the fast-weight step like any weight; the moving
+averages are state, not θ: only the θ pass updates them (assigned after the step, `train_step`), the
+θ' pass neither reads nor keeps them. Inference, attacks on C(E_s(·)) and the frozen E_t use the moving
+averages (training=False).
 Under a distribution strategy each replica adapts on its shard; with `sync_inner_gradient` the
 inner gradient is all-reduced (mean) so θ' equals the single-device θ' of the global batch.
 """

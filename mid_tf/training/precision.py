@@ -73,7 +73,8 @@ def mixed_twin(models: MIDModels, dataset: str, width: float, precision: str) ->
     if precision == "float32":
         return models
     with dtype_policy(precision):
-        twin = build_models(dataset, width=width)
+        twin = build_models(dataset, width=width, input_shape=models.input_shape,
+                            num_classes=models.num_classes)
     for name in ("target", "teacher_encoder", "decoder", "classifier", "student_encoder", "student_classifier"):
         getattr(twin, name).set_weights(getattr(models, name).get_weights())
     return twin

@@ -34,7 +34,7 @@ def _train(model, loss, metrics, split: Split, cfg: StageTrainConfig, *, seed: i
     model.optimizer.build(model.trainable_variables)
 
     def make_stream(start_batch):
-        ds = train_stream(split, cfg.batch_size, seed=seed, start_batch=start_batch)
+        ds = train_stream(split, cfg.batch_size, seed=seed, start_batch=start_batch, augment=cfg.augment)
         return ds.map(map_fn) if map_fn else ds
 
     tb = keras.callbacks.TensorBoard(os.path.join(model_dir, "logs", stage), update_freq="epoch")
