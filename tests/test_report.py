@@ -94,7 +94,8 @@ def test_build_report_takes_one_typed_input(tiny):
         spec.seed = 1
     assert spec.whitebox == ["fgsm"]  # white-box attacks default to the transfer ones
     report, grids = build_report(spec, progress=False)
-    assert set(report) == set(REQUIRED_KEYS) and grids == {}
+    assert set(report) == set(REQUIRED_KEYS) | {"threat_model"} and grids == {}
+    assert report["threat_model"].startswith("mnist: L-inf eps 0.3")  # optional key: older reports lack it
     assert report["whitebox"]["fgsm"]["target"] == report["transfer"]["fgsm"]["target"]  # shared, not recrafted
     with pytest.raises(TypeError):
         build_report({"target": target}, x[:8], y[:8], attacks=["fgsm"])  # the input is one ReportInput
