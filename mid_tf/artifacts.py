@@ -38,6 +38,7 @@ STAGE_NETWORKS = {
     "mid": ("student_encoder", "student_classifier"),
     "pgd_at": ("pgd_at",),
     "trades": ("trades",),
+    "surrogate": ("surrogate",),
 }
 
 

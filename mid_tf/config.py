@@ -11,13 +11,17 @@ import dataclasses
 
 from mid_tf.data.datasets import KNOWN_DATASETS
 
-KNOWN_STAGES = ("target", "teacher", "pgd_at", "trades", "mid", "eval")
+# surrogate runs after mid: adding it to a run leaves every earlier stage's random draws as they were.
+KNOWN_STAGES = ("target", "teacher", "pgd_at", "trades", "mid", "surrogate", "eval")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 ATTACK_SOURCES = ("target", "student")
 STUDENT_INITS = ("random", "teacher")
 KL_REDUCTIONS = ("elementwise_mean", "distribution_mean")
+# The surrogate (stage surrogate, a transfer source MID never saw) trains with the run's seed + this: its
+# initial weights and its data order differ from the target's, as another team's network would.
+SURROGATE_SEED_OFFSET = 1000
 # The official code's MNIST Attacker Pool with the clean batch as a task ("addclean").
 OFFICIAL_POOL = "clean,pgd40,pgd40_t0,mim40,mim40_t0"
 
@@ -77,7 +81,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StageTrainConfig:
-    """Optimisation settings of one supervised stage (target or teacher)."""
+    """Optimisation settings of one supervised stage (target, teacher or surrogate)."""
     epochs: int = 10
     batch_size: int = 256
     learning_rate: float = 1e-3
@@ -186,6 +190,7 @@ class RunConfig:
     width: float = 1.0                 # channel multiplier of every network (1 = official)
     target: StageTrainConfig = StageTrainConfig(epochs=8)
     teacher: StageTrainConfig = StageTrainConfig(epochs=12)
+    surrogate: StageTrainConfig = StageTrainConfig(epochs=8)   # stage surrogate: a plain CNN on clean data
     checkpoint_every: int = 200        # steps between mid-epoch checkpoints
     verbose: int = 1                   # Keras progress: 0 silent, 1 bar, 2 one line per epoch
     eval_batch_size: int = 1000
@@ -210,6 +215,7 @@ class RunConfig:
         _one_of(self.verbose, (0, 1, 2), "verbose")
         self.target.validate("target")
         self.teacher.validate("teacher")
+        self.surrogate.validate("surrogate")
         self.mid.validate()
         self.baseline.validate()
         _check(self.eval_slow_examples > 0, "eval_slow_examples", f"must be positive, got {self.eval_slow_examples}")
@@ -223,6 +229,11 @@ class RunConfig:
         _attack_names(self.eval_attacks, "eval_attacks")
         _attack_names(self.eval_whitebox_attacks, "eval_whitebox_attacks")
         return self
+
+    @property
+    def surrogate_seed(self) -> int:
+        """The surrogate's seed (its initial weights and data order): the run's seed + SURROGATE_SEED_OFFSET."""
+        return self.seed + SURROGATE_SEED_OFFSET
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

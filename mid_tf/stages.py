@@ -5,6 +5,8 @@
   mid      the student encoder E_s meta-trained over the Attacker Pool (training/meta.py)
   pgd_at   baseline: the target's architecture trained by PGD adversarial training (Madry et al.)
   trades   baseline: the same architecture trained by TRADES (Zhang et al.)
+  surrogate  a plain CNN (models/surrogate.py: another family than the target's) trained on clean data with
+           the run's seed + 1000 (config.SURROGATE_SEED_OFFSET): the eval stage's transfer source MID never saw
   eval     robustness report: every model present, transfer and white-box attacks, known vs unknown
 A completed stage (`<model_dir>/<stage>/done.json`) is loaded, not retrained; an interrupted one
 resumes from its last step checkpoint. Every trained stage goes through one runner (`_run_stage`):
@@ -95,6 +97,15 @@ def _fit_teacher(ctx: Context) -> dict:
     return {"epochs": cfg.teacher.epochs, "resumed_from_step": resumed, "precision": cfg.teacher.precision}
 
 
+def _fit_surrogate(ctx: Context) -> dict:
+    cfg, sur = ctx.cfg, ctx.cfg.surrogate
+    kwargs = {**ctx.fit_kwargs, "seed": cfg.surrogate_seed}  # its own data order, as its own initial weights
+    resumed = ctx.on_twin("surrogate", sur.precision,
+                          lambda nets: stage1.train_surrogate(nets, ctx.train_split, sur, **kwargs))
+    return {"epochs": sur.epochs, "resumed_from_step": resumed, "precision": sur.precision,
+            "seed": cfg.surrogate_seed}
+
+
 def _fit_mid(ctx: Context) -> dict:
     from mid_tf.training import mid_stage
 
@@ -134,14 +145,17 @@ STAGES = {
     "teacher": Stage(_fit_teacher, _score_teacher),
     "pgd_at": Stage(_fit_baseline("pgd_at"), _clean_accuracy(lambda m: m.pgd_at)),
     "trades": Stage(_fit_baseline("trades"), _clean_accuracy(lambda m: m.trades)),
+    "surrogate": Stage(_fit_surrogate, _clean_accuracy(lambda m: m.surrogate)),
     "mid": Stage(_fit_mid, _clean_accuracy(lambda m: build_pipeline(m.student_encoder, m.student_classifier)),
                  requires=("target", "teacher"), freeze=False),
 }
-# The eval stage scores the others; it needs the models the report is about.
+# The eval stage scores the others; it needs the models the report is about (the baselines and the surrogate
+# are used when done, not required).
 EVAL_REQUIRES = ("target", "teacher", "mid")
 
 # The config section holding each trained stage's hyperparameters.
-SECTION = {"target": "target", "teacher": "teacher", "mid": "mid", "pgd_at": "baseline", "trades": "baseline"}
+SECTION = {"target": "target", "teacher": "teacher", "mid": "mid", "pgd_at": "baseline", "trades": "baseline",
+           "surrogate": "surrogate"}
 _RUN_FIELDS = ("data.dataset", "data.train_examples", "seed", "width")
 # The config fields a trained stage's weights depend on (fnmatch patterns; "!" excludes): its fingerprint,
 # with its `requires` stages' fingerprints merged in. Left out, as they change no weight: data paths,
@@ -152,6 +166,7 @@ FINGERPRINT_FIELDS = {
     "teacher": _RUN_FIELDS + ("teacher.*",),
     "pgd_at": _RUN_FIELDS + ("baseline.*", "!baseline.trades_beta"),
     "trades": _RUN_FIELDS + ("baseline.*",),
+    "surrogate": _RUN_FIELDS + ("surrogate.*", "!surrogate.reconstruction_weight"),  # seed: its seed + 1000
     "mid": _RUN_FIELDS + ("mid.*", "!mid.val_examples", "!mid.val_attacks", "!mid.val_whitebox_attacks",
                           "!mid.log_every_steps", "!mid.attack_cache_overlap"),
 }
@@ -312,7 +327,8 @@ def run(cfg: RunConfig, retrain=()) -> dict:
         keras.utils.set_random_seed(cfg.seed)
         with strategy.scope():  # every network and optimizer is created under the strategy
             models = build_models(d.dataset, width=cfg.width, input_shape=shape,
-                                  num_classes=len(identity.get("class_names", ())) or None)
+                                  num_classes=len(identity.get("class_names", ())) or None,
+                                  surrogate_seed=cfg.surrogate_seed)
             results = _run_stages(cfg, Context(cfg, models, None, test_split))
         summary = _summary(cfg, test_split, results, time.time() - start)
         summary["threat_model"] = threat.describe()
@@ -352,5 +368,5 @@ def format_summary(summary: dict) -> str:
     for stage, res in summary["stages"].items():
         parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(res.items())
                  if isinstance(v, (int, float, str))]
-        lines.append(f"  {stage:<8} " + "  ".join(parts))
+        lines.append(f"  {stage:<9} " + "  ".join(parts))
     return "\n".join(lines)

@@ -33,25 +33,27 @@ download                   data.download               Let TFDS download the dat
 dataset                    data.dataset                Dataset: mnist | fashion_mnist | cifar10 | svhn_cropped (TFDS
     names) | image_folder (--data_dir holds train/<class>/* and test/<class>/*, or train.tar and test.tar).
 stages                     stages                      Stages to run, in pipeline order: target, teacher, pgd_at,
-    trades, mid, eval.
+    trades, mid, surrogate (a plain CNN, seed + 1000: the eval stage's transfer source MID never saw), eval.
 seed                       seed                        Random seed: weights, data order, attacks. Same seed, same run.
 train_examples             data.train_examples         Use only the first N training examples (default: all).
 eval_examples              data.eval_examples          Use only the first N test examples (default: all).
 width                      width                       Channel multiplier of every network (1 = the official one).
-batch_size                 target.batch_size           Training batch size of stage 1 and the baselines (and of MID
-    unless --mid_batch_size is set).
+batch_size                 target.batch_size           Training batch size of stage 1, the surrogate and the
+    baselines (and of MID unless --mid_batch_size is set).
 target_epochs              target.epochs               Epochs for the target model.
 target_lr                  target.learning_rate        Adam learning rate of the target.
 teacher_epochs             teacher.epochs              Epochs for the teacher.
 teacher_lr                 teacher.learning_rate       Adam learning rate of the teacher.
 reconstruction_weight      teacher.reconstruction_weight  Teacher loss: CE + w * MSE reconstruction.
-lr_schedule                target.lr_schedule          Learning-rate schedule of stage 1 and the baselines:
-    constant | cosine.
+surrogate_epochs           surrogate.epochs            Epochs for the surrogate (stage surrogate).
+surrogate_lr               surrogate.learning_rate     Adam learning rate of the surrogate.
+lr_schedule                target.lr_schedule          Learning-rate schedule of stage 1, the surrogate and the
+    baselines: constant | cosine.
 augment                    target.augment              Random crops (zero-padded by 4) and horizontal flips in the
-    training stream of the target, the teacher and the baselines (natural images; not MID: its cached
-    attacks belong to the unaugmented images).
-stage1_precision           target.precision            Compute dtype of target and teacher training: auto |
-    float32 | mixed_bfloat16 (as --mid_precision).
+    training stream of the target, the teacher, the surrogate and the baselines (natural images; not MID: its
+    cached attacks belong to the unaugmented images).
+stage1_precision           target.precision            Compute dtype of target, teacher and surrogate training:
+    auto | float32 | mixed_bfloat16 (as --mid_precision).
 checkpoint_every           checkpoint_every            Steps between mid-epoch checkpoints.
 verbose                    verbose                     Keras progress: 0 silent, 1 progress bar, 2 a line per epoch.
 strategy                   strategy                    tf.distribute strategy: default | mirrored | multi_worker
@@ -99,7 +101,8 @@ baseline_attack            baseline.attack             Inner attack of PGD-AT / 
 trades_beta                baseline.trades_beta        TRADES: weight of the KL robustness term.
 baseline_eps_warmup_epochs baseline.eps_warmup_epochs  PGD-AT / TRADES: the inner attack's eps (and step) ramp
     linearly from 0 over these epochs; 0: full eps from the first step (Madry's recipe; docs/training.md).
-eval_attacks               eval_attacks                Eval stage: transfer attacks crafted on the target.
+eval_attacks               eval_attacks                Eval stage: transfer attacks crafted on the target (and, when
+    stage surrogate is done, also on the surrogate: rows of a source MID never saw).
 eval_whitebox_attacks      eval_whitebox_attacks       Eval stage: white-box attacks, crafted on each evaluated model
     itself (MID's C(E_s(.)), the target, the baselines).
 eval_slow_examples         eval_slow_examples          Eval stage: test images for the eager-only attacks (CW-L2,
@@ -113,8 +116,9 @@ eval_helper                eval_helper                 Internal: set on the help
 # Config fields set by a flag of another field (batch size, schedule and precision are shared).
 SHARED = {"teacher.batch_size": "batch_size", "baseline.batch_size": "batch_size", "mid.batch_size": "mid_batch_size",
           "teacher.lr_schedule": "lr_schedule", "baseline.lr_schedule": "lr_schedule",
-          "teacher.precision": "stage1_precision",
-          "teacher.augment": "augment", "baseline.augment": "augment"}
+          "teacher.precision": "stage1_precision", "surrogate.batch_size": "batch_size",
+          "surrogate.lr_schedule": "lr_schedule", "surrogate.precision": "stage1_precision",
+          "teacher.augment": "augment", "baseline.augment": "augment", "surrogate.augment": "augment"}
 # Fields given as absl comma lists (the other tuples are attack lists, strings: their specs hold commas).
 LISTS = ("mid.train_weights", "mid.test_weights", "eval_eps_sweep", "stages")
 
@@ -223,6 +227,7 @@ def build_config() -> config.RunConfig:
         target=config.StageTrainConfig(epochs=F.target_epochs, learning_rate=F.target_lr, **common),
         teacher=config.StageTrainConfig(epochs=F.teacher_epochs, learning_rate=F.teacher_lr,
                                         reconstruction_weight=F.reconstruction_weight, **common),
+        surrogate=config.StageTrainConfig(epochs=F.surrogate_epochs, learning_rate=F.surrogate_lr, **common),
         mid=mid, baseline=baseline, strategy=F.strategy, eval_attacks=_specs(F.eval_attacks),
         eval_whitebox_attacks=_specs(F.eval_whitebox_attacks), eval_slow_examples=F.eval_slow_examples,
         eval_eps_sweep=_numbers("eval_eps_sweep", F.eval_eps_sweep), eval_workers=F.eval_workers,

@@ -9,12 +9,24 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class UnseenSource:
+    """A transfer source that took no part in MID's training (another architecture, another seed): the
+    paper crafts its test attacks on the very target MID trained on, which says nothing of a source it never
+    saw. name: its key in the memo and in report.json; model: Keras model or logits function; label: how
+    report.md titles its rows ("surrogate CNN, seed+1000")."""
+    name: str
+    model: Any
+    label: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class ReportInput:
     """The models, the test images and the attacks of one report.
 
     models            name -> Keras model or logits function; must include `target`
     x, y              test images (uint8 0..255 or float 0..1) and their labels
     attacks           transfer attacks (crafted once on `target`, classified by every model)
+    unseen_source     a further transfer source every `attacks` entry is also crafted on (None: none)
     whitebox_attacks  attacks crafted on each model itself (None: the same as `attacks`)
     pool              the MID training pool (names or the pool string's names): known vs unknown
     regenerator       x -> D_t(E_s(x)) for the regeneration metrics and the image grids (optional)
@@ -29,6 +41,7 @@ class ReportInput:
     y: np.ndarray
     attacks: Sequence[str]
     whitebox_attacks: Sequence[str] | None = None
+    unseen_source: UnseenSource | None = None
     pool: Sequence[str] = ()
     target: str = "target"
     regenerator: Callable | None = None

@@ -4,6 +4,8 @@ A report is a list of independent pieces (evaluation/scheduler.py runs them, eva
 the finished ones):
   transfer   one attack crafted once on the target, its adversarials classified by every model, plus
              the regeneration quality D_t(E_s(x~)) against x and, for `grid_attacks`, an image grid
+  unseen     one attack crafted once on the unseen source (a network MID never saw), its adversarials
+             classified by every model and by the source itself (how strong the attack is where crafted)
   whitebox   one attack crafted end to end on one model, classified by that model; on the target it
              is the transfer piece's number (same adversarials, same source), so it is not crafted twice
   checks     one model's zero-gradient fraction and white-box eps sweep (the sanity checks' numbers)
@@ -11,7 +13,8 @@ Eager-only attacks (CW, SPSA, ART's AutoAttack, DeepFool, Square, spatial, JSMA)
 `slow_examples` images; `attacks[name]["examples"]` records each attack's count.
 
 A piece's memo key holds everything its numbers depend on: the attack spec, the example count, the
-seed and the fingerprints of the models and images involved.
+seed and the fingerprints of the models and images involved (an unseen piece: the source's name and
+weights too, so another source is never matched to stale numbers).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class Workbench:
     regen_fn: Callable | None
     regen_fp: str
     progress: bool
+    source_fn: Callable | None = None   # the unseen source's logits function (None: no unseen source)
+    source_fp: str | None = None
     report: dict = dataclasses.field(default_factory=dict)
     grids: dict = dataclasses.field(default_factory=dict)
     shared_with_transfer: list = dataclasses.field(default_factory=list)  # white-box on the target = transfer
@@ -67,15 +72,22 @@ def open_workbench(spec: ReportInput, progress: bool) -> Workbench:
         raise ValueError(f"models must include the transfer source '{spec.target}'")
     fps = {m: fingerprint(f) for m, f in spec.models.items()}
     fps["data"] = hashlib.sha1(x.tobytes() + y.tobytes()).hexdigest()  # same images, same labels
-    regen = spec.regenerator
+    regen, source = spec.regenerator, spec.unseen_source
+    if source is not None and source.name in fns:
+        raise ValueError(f"the unseen source '{source.name}' must not be one of the evaluated models {list(fns)}")
     return Workbench(spec, x, y, fns, fps, regen_fn=as_fn(regen) if regen is not None else None,
-                     regen_fp=fingerprint(regen) if regen is not None else "none", progress=progress)
+                     regen_fp=fingerprint(regen) if regen is not None else "none", progress=progress,
+                     source_fn=as_fn(source.model) if source is not None else None,
+                     source_fp=fingerprint(source.model) if source is not None else None)
 
 
 def plan(bench: Workbench) -> list[Piece]:
-    """Every piece of the report, in order: transfer attacks, white-box attacks per model, checks per
-    model; each leaves a None placeholder in the report where its numbers will go."""
+    """Every piece of the report, in order: transfer attacks, the same crafted on the unseen source (if
+    any), white-box attacks per model, checks per model; each leaves a None placeholder in the report where
+    its numbers will go."""
     pieces = [transfer_piece(bench, attack) for attack in bench.spec.attacks]
+    if bench.spec.unseen_source is not None:
+        pieces += [unseen_piece(bench, attack) for attack in bench.spec.attacks]
     for attack in bench.spec.whitebox:
         pieces += [p for p in (whitebox_piece(bench, attack, m) for m in bench.fns) if p is not None]
     return pieces + [checks_piece(bench, m) for m in bench.fns]
@@ -125,6 +137,31 @@ def _apply_transfer(bench: Workbench, key: str, done: dict) -> None:
         bench.report["regeneration"][key] = done["regeneration"]
     if done.get("grid") is not None:
         bench.grids[key] = np.asarray(done["grid"], np.float32)
+
+
+# ------------------------------------------------------------------------------------------ unseen source
+def unseen_piece(bench: Workbench, attack: str) -> Piece:
+    """`attack` crafted on the unseen source; its numbers go to report["transfer_unseen"][attack]."""
+    key, n = _describe(bench, attack)
+    s, name = bench.spec, bench.spec.unseen_source.name
+    bench.report["transfer_unseen"][key] = None
+    return Piece(ReportMemo.key("transfer_unseen", attack, n, s.seed, name, bench.source_fp, bench.fps),
+                 f"transfer {key} on {n} images (crafted on {name}, a source MID never saw)",
+                 functools.partial(_craft_unseen, bench, attack, n),
+                 functools.partial(_apply_unseen, bench, key))
+
+
+def _craft_unseen(bench: Workbench, attack: str, n: int) -> dict:
+    x, y = bench.x[:n], bench.y[:n]
+    adv = craft(attack, bench.source_fn, x, y, batch_size=bench.spec.batch_size, seed=bench.spec.seed,
+                progress=bench.progress)
+    return {"accuracy": {m: accuracy(f, adv, y) for m, f in bench.fns.items()},
+            "source": accuracy(bench.source_fn, adv, y)}
+
+
+def _apply_unseen(bench: Workbench, key: str, done: dict) -> None:
+    bench.report["transfer_unseen"][key] = done["accuracy"]
+    bench.report["unseen_source"]["accuracy"][key] = done["source"]
 
 
 # ------------------------------------------------------------------------------------------ white-box

@@ -6,6 +6,9 @@
 Threat models (side by side for every model):
   transfer   adversarials crafted once on the undefended target, classified by every model (the paper's
              protocol); for the target itself transfer == white-box
+  transfer_unseen  (with an unseen source) the same attacks crafted once on a network that took no part
+             in MID's training (the surrogate: another architecture, another seed), classified by every
+             model; `unseen_source` names it and holds its own accuracy on them
   whitebox   adversarials crafted end to end on the model that classifies them
 Per threat model and model: the accuracy per attack, the mean over the attacks *known* to the MID
 training pool, the mean over the *unknown* ones and the worst case (evaluation/sanity.py).
@@ -30,7 +33,7 @@ from mid_tf.evaluation.pieces import Workbench, open_workbench, plan, regenerati
 from mid_tf.evaluation.robustness import accuracy
 from mid_tf.evaluation.sanity import base_name, sanity_flags, summarise
 from mid_tf.evaluation.scheduler import run_pieces
-from mid_tf.evaluation.writers import SCHEMA
+from mid_tf.evaluation.writers import SCHEMA, threats_of
 
 __all__ = ["ReportInput", "build_report"]
 
@@ -78,6 +81,10 @@ def _skeleton(bench: Workbench) -> dict:
               "threat_model": registry.active_threat_model().describe()}
     if bench.regen_fn is not None:
         report["regeneration"]["clean"] = regeneration_quality(bench.regen_fn, x, x)
+    if s.unseen_source is not None:
+        report["transfer_unseen"] = {}
+        report["unseen_source"] = {"name": s.unseen_source.name, "label": s.unseen_source.label,
+                                   "clean": accuracy(bench.source_fn, x, y), "accuracy": {}}
     return report
 
 
@@ -87,6 +94,6 @@ def _finish(bench: Workbench) -> dict:
     for key in bench.shared_with_transfer:
         report["whitebox"][key][target] = report["transfer"][key][target]
     report["summary"] = {t: summarise(report[t], report["clean"], report["attacks"], report["models"])
-                         for t in ("transfer", "whitebox")}
+                         for t in threats_of(report)}
     report["sanity"] = sanity_flags(report)
     return report

@@ -1,8 +1,10 @@
 """The eval stage: the robustness report over every model a model_dir has, written and printed.
 
 The models: the undefended target, the MID pipeline (E_s, C_s) and every completed baseline (PGD-AT,
-TRADES). The report's pieces are kept in `<model_dir>/eval/memo.json`, so a killed evaluation resumes;
-with `eval_workers > 1` helper processes share them (evaluation/scheduler.py). Outputs: `<model_dir>/eval/`
+TRADES). When stage surrogate is done, every transfer attack is also crafted on the surrogate (a plain CNN,
+seed + 1000, that took no part in training) and scored on every model: the report's transfer_unseen rows.
+The report's pieces are kept in `<model_dir>/eval/memo.json`, so a killed evaluation resumes; with
+`eval_workers > 1` helper processes share them (evaluation/scheduler.py). Outputs: `<model_dir>/eval/`
 (report.json, report.md, figures) and `<model_dir>/logs/eval` (TensorBoard).
 """
 
@@ -11,9 +13,9 @@ from __future__ import annotations
 import os
 
 from mid_tf import artifacts
-from mid_tf.config import RunConfig
+from mid_tf.config import SURROGATE_SEED_OFFSET, RunConfig
 from mid_tf.evaluation import scheduler, writers
-from mid_tf.evaluation.inputs import ReportInput
+from mid_tf.evaluation.inputs import ReportInput, UnseenSource
 from mid_tf.evaluation.memo import ReportMemo
 from mid_tf.evaluation.report import build_report
 from mid_tf.evaluation.sanity import base_name, pool_names
@@ -34,7 +36,7 @@ def evaluate(cfg: RunConfig, models: MIDModels, test_split) -> dict:
     print("report: " + ", ".join(paths.values()), flush=True)
     return {"examples": report["examples"], "report": paths["md"], "sanity_flags": len(report["sanity"]),
             "models": ",".join(report["models"]), "clean": report["clean"], "transfer": report["transfer"],
-            "whitebox": report["whitebox"], "summary": report["summary"],
+            "whitebox": report["whitebox"], "summary": report["summary"], **_unseen_entry(report),
             **({"helpers_exit": helper_codes} if helper_codes is not None else {})}
 
 
@@ -51,10 +53,28 @@ def evaluated_models(cfg: RunConfig, models: MIDModels) -> dict:
     return nets
 
 
+def unseen_source(cfg: RunConfig, models: MIDModels) -> UnseenSource | None:
+    """The surrogate when stage surrogate is done in `cfg.model_dir` (loaded from disk unless this run
+    trained it): a transfer source that took no part in MID's training; None otherwise."""
+    if not artifacts.is_done(cfg.model_dir, "surrogate"):
+        return None
+    if "surrogate" not in cfg.stages:
+        artifacts.load_stage(cfg.model_dir, "surrogate", models)
+    return UnseenSource("surrogate", models.surrogate, f"surrogate CNN, seed+{SURROGATE_SEED_OFFSET}")
+
+
+def _unseen_entry(report: dict) -> dict:
+    """The summary's eval entry for the unseen source: its rows and what it is (nothing without one)."""
+    if "transfer_unseen" not in report:
+        return {}
+    return {"transfer_unseen": report["transfer_unseen"], "unseen_source": report["unseen_source"]["label"]}
+
+
 def report_input(cfg: RunConfig, models: MIDModels, test_split) -> ReportInput:
     return ReportInput(
         models=evaluated_models(cfg, models), x=test_split.images, y=test_split.labels,
         attacks=list(cfg.eval_attacks), whitebox_attacks=list(cfg.eval_whitebox_attacks),
+        unseen_source=unseen_source(cfg, models),
         pool=pool_names(cfg.mid.pool), regenerator=build_regenerator(models.student_encoder, models.decoder),
         slow_examples=cfg.eval_slow_examples, seed=cfg.seed, eps_sweep=cfg.eval_eps_sweep,
         dataset=cfg.data.dataset, config=cfg.to_json(),

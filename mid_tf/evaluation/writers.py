@@ -11,6 +11,9 @@ report.json schema (`SCHEMA`, checked by `validate_report`):
   summary{threat: {model: {known_mean, unknown_mean, worst, worst_attack}}},
   regeneration{"clean"|attack: {psnr_db, ssim}}, eps_sweep{model: {eps: acc}},
   zero_gradient_fraction{model: frac}, sanity[list of {flag, model, message, numbers}]
+Only when the transfer attacks were also crafted on a source MID never saw (stage surrogate):
+  transfer_unseen{attack: {model: acc}}, unseen_source{name, label, clean, accuracy{attack: acc}} (the
+  source's own accuracy, clean and on its adversarials), and summary.transfer_unseen.
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ REQUIRED_KEYS = {"schema": str, "created": str, "dataset": str, "examples": int,
                  "config": dict, "models": list, "pool": list, "attacks": dict, "clean": dict, "transfer": dict,
                  "whitebox": dict, "summary": dict, "regeneration": dict, "eps_sweep": dict,
                  "zero_gradient_fraction": dict, "sanity": list}
+# The threat models' tables, in the order the outputs show them; transfer_unseen only where it was evaluated.
+THREATS = ("transfer", "transfer_unseen", "whitebox")
+UNSEEN_KEYS = {"name": str, "label": str, "clean": float, "accuracy": dict}
+
+
+def threats_of(report: dict) -> list[str]:
+    """The threat-model tables `report` has, in THREATS order."""
+    return [t for t in THREATS if t in report]
 
 
 def validate_report(report: dict) -> None:
@@ -37,7 +48,11 @@ def validate_report(report: dict) -> None:
             raise ValueError(f"report.json: '{key}' must be {typ.__name__}, got {type(report[key]).__name__}")
     if report["schema"] != SCHEMA:
         raise ValueError(f"report.json: schema {report['schema']!r}, expected {SCHEMA!r}")
-    for threat in ("transfer", "whitebox"):
+    if "transfer_unseen" in report:
+        _validate_unseen(report)
+    for threat in threats_of(report):
+        if not isinstance(report[threat], dict):
+            raise ValueError(f"report.json: '{threat}' must be dict, got {type(report[threat]).__name__}")
         for attack, row in report[threat].items():
             if attack not in report["attacks"]:
                 raise ValueError(f"report.json: {threat}.{attack} is not described in 'attacks'")
@@ -51,6 +66,17 @@ def validate_report(report: dict) -> None:
             raise ValueError(f"report.json: sanity entry {flag} lacks flag/model/message/numbers")
 
 
+def _validate_unseen(report: dict) -> None:
+    source = report.get("unseen_source")
+    if not isinstance(source, dict):
+        raise ValueError("report.json: 'transfer_unseen' needs 'unseen_source' (the source it was crafted on)")
+    for key, typ in UNSEEN_KEYS.items():
+        if not isinstance(source.get(key), typ):
+            raise ValueError(f"report.json: unseen_source.{key} must be {typ.__name__}, got {source.get(key)!r}")
+    if set(source["accuracy"]) != set(report["transfer_unseen"]):
+        raise ValueError("report.json: unseen_source.accuracy must have one entry per transfer_unseen attack")
+
+
 def load_report(path: str) -> dict:
     with open(path) as f:
         report = json.load(f)
@@ -62,32 +88,52 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
+def _title(report: dict, threat: str) -> str:
+    if threat == "transfer_unseen":
+        return f"Transfer (unseen source: {report['unseen_source']['label']})"
+    return {"transfer": "Transfer (crafted on the target, the paper's protocol)",
+            "whitebox": "White-box (crafted on each model itself)"}[threat]
+
+
+def _threat_lines(report: dict, threat: str) -> list[str]:
+    """One threat model's section of report.md: a row per attack (known first), the summary rows. The unseen
+    source's table has a last column with the source's own accuracy on its adversarials."""
+    table, models = report[threat], report["models"]
+    if not table:
+        return []
+    source = report["unseen_source"] if threat == "transfer_unseen" else None
+    head = models + ([f"{source['name']} (source)"] if source else [])
+    lines = ["", f"## {_title(report, threat)}", ""]
+    if source:
+        lines += [f"Crafted once on {source['name']}, a network that took no part in MID's training (another "
+                  f"architecture, another seed); its own accuracy: {_pct(source['clean'])} clean, on each attack in "
+                  "the last column.", ""]
+    lines += ["| attack | group | images | " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * len(head)]
+    for group in ("known", "unknown"):
+        for a in (a for a in table if report["attacks"][a]["group"] == group):
+            extra = [_pct(source["accuracy"].get(a))] if source else []
+            lines.append(f"| {a} | {group} | {report['attacks'][a]['examples']} | "
+                         + " | ".join([_pct(table[a].get(m)) for m in models] + extra) + " |")
+    s, pad = report["summary"][threat], " |" if source else ""
+    lines.append("| **mean known** | | | " + " | ".join(_pct(s[m]["known_mean"]) for m in models) + " |" + pad)
+    lines.append("| **mean unknown** | | | " + " | ".join(_pct(s[m]["unknown_mean"]) for m in models) + " |" + pad)
+    lines.append("| **worst case** | | | " + " | ".join(f"{_pct(s[m]['worst'])} ({s[m]['worst_attack']})"
+                                                       for m in models) + " |" + pad)
+    return lines
+
+
 def format_markdown(report: dict) -> str:
     models = report["models"]
     lines = [f"# Robustness report: {report['dataset']}, {report['examples']} test images",
              "", f"Created {report['created']}, seed {report['seed']}, versions "
              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
              f"Threat model {report.get('threat_model', 'mnist: L-inf eps 0.3, L2 eps 2 (recorded before threat models)')}"
-             ". Known = the attack's family is in the MID training pool {report['pool']}; eager-only attacks "
+             f". Known = the attack's family is in the MID training pool {report['pool']}; eager-only attacks "
              "use the example count in their row. Accuracies in %.", "",
              "| | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models),
              "| clean | " + " | ".join(_pct(report["clean"][m]) for m in models) + " |"]
-    for threat, title in (("transfer", "Transfer (crafted on the target, the paper's protocol)"),
-                          ("whitebox", "White-box (crafted on each model itself)")):
-        table = report[threat]
-        if not table:
-            continue
-        lines += ["", f"## {title}", "", "| attack | group | images | " + " | ".join(models) + " |",
-                  "|---|---|---:|" + "---:|" * len(models)]
-        for group in ("known", "unknown"):
-            for a in (a for a in table if report["attacks"][a]["group"] == group):
-                lines.append(f"| {a} | {group} | {report['attacks'][a]['examples']} | "
-                             + " | ".join(_pct(table[a].get(m)) for m in models) + " |")
-        s = report["summary"][threat]
-        lines.append("| **mean known** | | | " + " | ".join(_pct(s[m]["known_mean"]) for m in models) + " |")
-        lines.append("| **mean unknown** | | | " + " | ".join(_pct(s[m]["unknown_mean"]) for m in models) + " |")
-        lines.append("| **worst case** | | | " + " | ".join(f"{_pct(s[m]['worst'])} ({s[m]['worst_attack']})"
-                                                           for m in models) + " |")
+    for threat in threats_of(report):
+        lines += _threat_lines(report, threat)
     if report["regeneration"]:
         lines += ["", "## Robust regeneration D_t(E_s(x~)) against x", "", "| input | PSNR dB | SSIM |",
                   "|---|---:|---:|"]
@@ -127,7 +173,7 @@ def _bar_figure(report: dict, threat: str, path: str) -> None:
     ax.set_xticks(xs, labels, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{threat}: robust accuracy per attack ({report['examples']} images)")
+    ax.set_title(f"{_title(report, threat)}: robust accuracy per attack ({report['examples']} images)", fontsize=9)
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -152,7 +198,7 @@ def write_report(report: dict, out_dir: str, grids: dict | None = None) -> dict:
     with open(tmp, "w") as f:
         f.write(format_markdown(report))
     os.replace(tmp, paths["md"])
-    for threat in ("transfer", "whitebox"):
+    for threat in threats_of(report):
         if report[threat]:
             paths[f"{threat}_png"] = os.path.join(out_dir, f"robust_accuracy_{threat}.png")
             _bar_figure(report, threat, paths[f"{threat}_png"])
@@ -167,7 +213,7 @@ def log_tensorboard(report: dict, log_dir: str, grids: dict | None = None) -> No
     with writer.as_default(step=0):
         for m, v in report["clean"].items():
             tf.summary.scalar(f"clean/{m}", v)
-        for threat in ("transfer", "whitebox"):
+        for threat in threats_of(report):
             for a, row in report[threat].items():
                 for m, v in row.items():
                     tf.summary.scalar(f"{threat}/{a}/{m}", v)
@@ -187,10 +233,14 @@ def format_console(report: dict) -> str:
     head = f"  {'':<24}" + "".join(f"{m:>10}" for m in models)
     lines = [f"evaluation on {report['examples']} test images", head,
              f"  {'clean':<24}" + "".join(f"{100 * report['clean'][m]:>9.2f}%" for m in models)]
-    for threat, label in (("transfer", "transfer"), ("whitebox", "white-box")):
+    labels = {"transfer": "transfer", "transfer_unseen": "unseen", "whitebox": "white-box"}
+    for threat in threats_of(report):
+        label = labels[threat]
         for a, row in report[threat].items():
             lines.append(f"  {label + ' ' + a:<24}" + "".join(
                 f"{100 * row[m]:>9.2f}%" if m in row else f"{'-':>10}" for m in models))
+    if report.get("transfer_unseen"):
+        lines.append(f"  unseen: crafted on {report['unseen_source']['label']}, a source MID never saw")
     if "clean" in report["regeneration"]:
         lines.append(f"  regeneration PSNR D_t(E_s(x)): {report['regeneration']['clean']['psnr_db']:.2f} dB")
     for f in report["sanity"]:

@@ -3,7 +3,9 @@
 `build_models(dataset)` returns an `MIDModels`: the undefended target, the teacher's encoder E_t,
 decoder D_t and classifier head C, the student encoder E_s (E_t's architecture, its own random
 init as in the official code) and the student head C_s (C's architecture, a copy of C's weights: it
-stays equal to C unless MID trains it, --train_head; the deployed pipeline is C_s(E_s(.))). Composition helpers:
+stays equal to C unless MID trains it, --train_head; the deployed pipeline is C_s(E_s(.))), the
+adversarial-training baselines, and the surrogate (models/surrogate.py: a plain CNN of another family,
+the transfer source MID never saw; its initial weights come from `surrogate_seed` alone). Composition helpers:
   build_pipeline(E, C)        x -> C(E(x)) logits        (the deployed classifier when E = E_s)
   build_regenerator(E, D)     x -> D(E(x)) image         (robust regeneration when E = E_s)
   build_autoencoder(E, D, C)  x -> {logits, reconstruction}   (stage-1 teacher training)
@@ -17,6 +19,7 @@ import dataclasses
 import keras
 
 from mid_tf.models import lenet, resnet
+from mid_tf.models.surrogate import build_surrogate
 
 # dataset -> (family module, input shape, classes)
 _FAMILIES = {
@@ -40,6 +43,8 @@ class MIDModels:
     # Adversarial-training baselines (stages pgd_at, trades): the target's architecture, own weights.
     pgd_at: keras.Model | None = None
     trades: keras.Model | None = None
+    # Stage surrogate: a plain CNN (another family than the target's), a transfer source MID never saw.
+    surrogate: keras.Model | None = None
 
 
 def family_for(dataset: str, input_shape=None, num_classes=None):
@@ -59,9 +64,10 @@ def family_for(dataset: str, input_shape=None, num_classes=None):
 
 
 def build_models(dataset: str = "mnist", width: float = 1.0, student_width: float | None = None, *,
-                 input_shape=None, num_classes=None) -> MIDModels:
+                 input_shape=None, num_classes=None, surrogate_seed: int = 0) -> MIDModels:
     """All MID networks for `dataset` (or, with `input_shape`, for an image folder's images; family_for).
-    `width` scales channels (tests use small widths).
+    `width` scales channels (tests use small widths). `surrogate_seed` draws the surrogate's initial
+    weights (a run passes RunConfig.surrogate_seed); the other networks draw from the global stream.
 
     `student_width` may differ from the teacher's only if the feature shapes still match (they do
     not for LeNet: the classifier and decoder are built for the teacher's feature shape).
@@ -79,6 +85,7 @@ def build_models(dataset: str = "mnist", width: float = 1.0, student_width: floa
         num_classes=classes,
         pgd_at=module.build_target(shape, classes, width=width, name="pgd_at"),
         trades=module.build_target(shape, classes, width=width, name="trades"),
+        surrogate=build_surrogate(shape, classes, width=width, seed=surrogate_seed, name="surrogate"),
     )
     copy_teacher_head(models)
     return models

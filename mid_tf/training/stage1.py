@@ -1,8 +1,10 @@
-"""Stage 1: the undefended target (CE) and the teacher (CE + reconstruction) on clean data.
+"""Stage 1: the undefended target (CE) and the teacher (CE + reconstruction) on clean data; and the
+surrogate (CE), the eval stage's transfer source MID never saw, trained the same way as the target.
 
-Both are ordinary supervised Keras models, so this is `compile` + a resumable `fit`:
-  target   x -> logits                 loss CE                       (official: Adam 1e-3)
-  teacher  x -> {logits, reconstruction}  loss CE + w * MSE(D_t(E_t(x)), x)   (official: Adam 1e-4, w = 1)
+All are ordinary supervised Keras models, so this is `compile` + a resumable `fit`:
+  target     x -> logits                 loss CE                       (official: Adam 1e-3)
+  teacher    x -> {logits, reconstruction}  loss CE + w * MSE(D_t(E_t(x)), x)   (official: Adam 1e-4, w = 1)
+  surrogate  x -> logits                 loss CE  (a plain CNN, models/surrogate.py; its own seed)
 After the stage the networks are frozen (`trainable = False`) for everything that follows.
 """
 
@@ -46,6 +48,11 @@ def _train(model, loss, metrics, split: Split, cfg: StageTrainConfig, *, seed: i
 def train_target(models: MIDModels, split: Split, cfg: StageTrainConfig, **kw) -> int:
     return _train(models.target, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   ["sparse_categorical_accuracy"], split, cfg, stage="target", **kw)
+
+
+def train_surrogate(models: MIDModels, split: Split, cfg: StageTrainConfig, **kw) -> int:
+    return _train(models.surrogate, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  ["sparse_categorical_accuracy"], split, cfg, stage="surrogate", **kw)
 
 
 def train_teacher(models: MIDModels, split: Split, cfg: StageTrainConfig, **kw) -> int:
