@@ -196,6 +196,6 @@ def test_keras_batchnorm_second_derivative_is_still_wrong_and_ours_is_exact():
     """compat/batchnorm.py: Keras' layer (tf.nn.moments' stop_gradient) gets the Hessian wrong; ours does not."""
     import keras
 
-    from mid_tf.compat.batchnorm import MetaBatchNormalization
+    from mid_tf.compat.batchnorm import exact_batch_normalization
     assert _bn_hvp_error(keras.layers.BatchNormalization) > 1e-3
-    assert _bn_hvp_error(MetaBatchNormalization) < 1e-7
+    assert _bn_hvp_error(exact_batch_normalization) < 1e-7

@@ -3,5 +3,5 @@ issue it works around (tests/test_compat.py fails once upstream no longer shows 
 
   cleverhans.py        CleverHans 4.0.0 on Keras 3 / NumPy 2 (`apply()`), seedable PGD random start
   keras_distribute.py  Keras' `fit` under MultiWorkerMirroredStrategy (`apply()`)
-  batchnorm.py         BatchNormalization with exact second derivatives (`MetaBatchNormalization`, a layer)
+  batchnorm.py         BatchNormalization with exact second derivatives (`exact_batch_normalization`)
 """

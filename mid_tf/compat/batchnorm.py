@@ -9,25 +9,39 @@ variance. MID's exact second-order meta-gradient (`--meta_order=2`) differentiat
 the stock layer it was wrong on the ResNet family: 13% off a central difference of J at alpha = 0.05 on a
 width-1/16 encoder (tests/test_rgb.py), exact with this layer.
 
-`MetaBatchNormalization` recomputes the moments without the stop_gradient (in float32 for 16-bit inputs, as
-Keras does); inference (moving averages), the moving-average updates and the masked path are Keras' own.
+`exact_batch_normalization(**kwargs)` is Keras' own layer whose `_moments` recomputes the moments without the
+stop_gradient (in float32 for 16-bit inputs, as Keras does); inference (moving averages), the moving-average
+updates and the masked path are Keras' own. The class stays `keras.layers.BatchNormalization` on purpose: Keras'
+weight files key each layer by its class name, so a subclass could not load weights saved with the stock layer
+(nor the other way round).
 """
 
 from __future__ import annotations
+
+import types
 
 import keras
 from keras import ops
 
 
-class MetaBatchNormalization(keras.layers.BatchNormalization):
-    """`keras.layers.BatchNormalization` whose training-mode batch moments are twice differentiable exactly."""
+def _exact_moments(layer, inputs, mask):
+    if mask is not None or layer.synchronized:
+        return keras.layers.BatchNormalization._moments(layer, inputs, mask)
+    dtype = keras.backend.standardize_dtype(inputs.dtype)
+    x = ops.cast(inputs, "float32") if dtype in ("float16", "bfloat16") else inputs
+    mean = ops.mean(x, axis=layer._reduction_axes, keepdims=True)
+    variance = ops.mean(ops.square(x - mean), axis=layer._reduction_axes)
+    mean = ops.squeeze(mean, axis=layer._reduction_axes)
+    return ops.cast(mean, dtype), ops.cast(variance, dtype)
 
-    def _moments(self, inputs, mask):
-        if mask is not None or self.synchronized:
-            return super()._moments(inputs, mask)
-        dtype = keras.backend.standardize_dtype(inputs.dtype)
-        x = ops.cast(inputs, "float32") if dtype in ("float16", "bfloat16") else inputs
-        mean = ops.mean(x, axis=self._reduction_axes, keepdims=True)
-        variance = ops.mean(ops.square(x - mean), axis=self._reduction_axes)
-        mean = ops.squeeze(mean, axis=self._reduction_axes)
-        return ops.cast(mean, dtype), ops.cast(variance, dtype)
+
+def exact_batch_normalization(**kwargs) -> keras.layers.BatchNormalization:
+    """`keras.layers.BatchNormalization(**kwargs)` whose training-mode batch moments are twice differentiable
+    exactly."""
+    layer = keras.layers.BatchNormalization(**kwargs)
+    object.__setattr__(layer, "_moments", types.MethodType(_exact_moments, layer))
+    return layer
+
+
+def has_exact_moments(layer) -> bool:
+    return getattr(getattr(layer, "_moments", None), "__func__", None) is _exact_moments

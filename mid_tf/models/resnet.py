@@ -7,7 +7,7 @@
   classifier  global average pool (the official AvgPool 4 on 4x4) -> fc10
 No pooling indices: the decoder upsamples with strided transposed convolutions, so the encoder's
 `indices` list is empty and the decoder takes `[features]`. `width` scales all channels.
-BatchNormalization is `MetaBatchNormalization` (mid_tf/compat/batchnorm.py): Keras' own layer with batch moments
+BatchNormalization comes from `exact_batch_normalization` (mid_tf/compat/batchnorm.py): Keras' own layer with batch moments
 whose second derivatives are exact, which MID's second-order meta-gradient needs.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import keras
 
-from mid_tf.compat.batchnorm import MetaBatchNormalization
+from mid_tf.compat.batchnorm import exact_batch_normalization
 
 
 def _ch(base: int, width: float) -> int:
@@ -25,20 +25,20 @@ def _ch(base: int, width: float) -> int:
 def _block(x, filters, stride, name):
     shortcut = x
     y = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
-    y = MetaBatchNormalization(name=f"{name}_bn1")(y)
+    y = exact_batch_normalization(name=f"{name}_bn1")(y)
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
     y = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
-    y = MetaBatchNormalization(name=f"{name}_bn2")(y)
+    y = exact_batch_normalization(name=f"{name}_bn2")(y)
     if stride != 1 or x.shape[-1] != filters:
         shortcut = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_proj")(x)
-        shortcut = MetaBatchNormalization(name=f"{name}_proj_bn")(shortcut)
+        shortcut = exact_batch_normalization(name=f"{name}_proj_bn")(shortcut)
     y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
 def _trunk(x, width):
     h = keras.layers.Conv2D(_ch(64, width), 3, padding="same", use_bias=False, name="stem_conv")(x)
-    h = MetaBatchNormalization(name="stem_bn")(h)
+    h = exact_batch_normalization(name="stem_bn")(h)
     h = keras.layers.ReLU(name="stem_relu")(h)
     for i, (base, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
         h = _block(h, _ch(base, width), stride, name=f"stage{i + 1}")
