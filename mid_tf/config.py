@@ -116,6 +116,7 @@ class MIDStageConfig:
     meta_order: int = 2                  # 2 exact, 1 first-order approximation
     train_weights: tuple = (1.0, 1.5, 0.8)   # (w_LC, w_AC, w_CC) meta-train
     test_weights: tuple = (1.0, 1.0, 1.0)    # (w_LC, w_AC, w_CC) meta-test
+    pixel_weight: float = 0.0            # w_PC of the L1 pixel term |D_t(E_s(x~)) - x| in both losses (0: official)
     softmax_axis: int = -1               # feature softmax axis (-1: channels)
     kl_reduction: str = "elementwise_mean"   # PyTorch KLDivLoss's default, as the official code
     attack_source: str = "target"        # target (transfer protocol) | student (white-box)
@@ -150,7 +151,7 @@ class MIDStageConfig:
             w = getattr(self, name)
             _check(len(w) == 3 and min(w) >= 0 and max(w) > 0, f"mid.{name}",
                    f"takes three non-negative weights LC,AC,CC, not all zero, got {w}")
-        for name in ("alpha", "beta", "val_examples", "attack_cache_epochs", "eps_warmup_epochs"):
+        for name in ("alpha", "beta", "pixel_weight", "val_examples", "attack_cache_epochs", "eps_warmup_epochs"):
             _check(getattr(self, name) >= 0, f"mid.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check(not (self.attack_cache_epochs and self.attack_source != "target"), "mid.attack_cache_epochs",
                "needs mid.attack_source=target: attacks on the student change with every step and cannot be cached")

@@ -149,10 +149,11 @@ def test_held_out_task_is_the_one_used_in_meta_test():
     theta = [v.value for v in models.student_encoder.trainable_variables]
     with tf.GradientTape() as tape:
         tape.watch(theta)
-        terms, _ = mid._loss(theta, [], batch.x_train, batch.f_t_train, batch.y_train, mid.train_weights)
+        terms, _ = mid._loss(theta, [], batch.x_train, batch.x_clean_train, batch.f_t_train, batch.y_train,
+                             mid.train_weights)
         L_train = batch.k * terms["total"]
     theta_p = [w - 1e-3 * g for w, g in zip(theta, tape.gradient(L_train, theta))]
-    by_task = [float(mid._loss(theta_p, [], tasks[t], batch.f_t, y, mid.test_weights)[0]["total"])
+    by_task = [float(mid._loss(theta_p, [], tasks[t], x, batch.f_t, y, mid.test_weights)[0]["total"])
                for t in range(4)]
     np.testing.assert_allclose(float(logs["L_test"]), by_task[2], rtol=1e-5)
     assert all(abs(by_task[t] - by_task[2]) > 1e-6 for t in (0, 1, 3))
@@ -317,7 +318,8 @@ def test_flagfiles_parse():
     cases = {("configs/mnist.flags",): "target,teacher,mid,eval",
              ("configs/mnist.flags", "configs/mnist_eval.flags"): "target,teacher,pgd_at,trades,mid,eval",
              ("configs/mnist_whitebox.flags",): "target,teacher,mid,eval",
-             ("configs/mnist_whitebox_encoder.flags",): "target,teacher,mid,eval"}
+             ("configs/mnist_whitebox_encoder.flags",): "target,teacher,mid,eval",
+             ("configs/mnist_whitebox_pixel.flags",): "target,teacher,mid,eval"}
     for flagfiles, stages in cases.items():
         argv = ", ".join(repr(f"--flagfile={f}") for f in flagfiles)
         proc = subprocess.run([sys.executable, "-c", (
@@ -326,7 +328,8 @@ def test_flagfiles_parse():
             "print('STAGES', ','.join(cfg.stages), 'POOL', cfg.mid.pool, 'SOURCE', cfg.mid.attack_source, "
             "'BATCH', cfg.mid.batch_size, cfg.mid.num_meta_train, 'OVERLAP', cfg.mid.attack_cache_overlap, "
             "'PRECISION', cfg.target.precision, cfg.teacher.precision, cfg.mid.precision, "
-            "'WARMUP', cfg.mid.eps_warmup_epochs, 'HEAD', cfg.mid.train_head, 'DIR', cfg.model_dir)" % argv)],
+            "'WARMUP', cfg.mid.eps_warmup_epochs, 'HEAD', cfg.mid.train_head, 'DIR', cfg.model_dir, "
+            "'PIXEL', cfg.mid.pixel_weight)" % argv)],
             cwd=repo, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"STAGES {stages}" in proc.stdout, proc.stdout
@@ -334,10 +337,12 @@ def test_flagfiles_parse():
             assert "POOL pgd5,pgd10,pgd20,pgd_l2_5 SOURCE student BATCH 128 2" in proc.stdout, proc.stdout
             assert "WARMUP 1.0" in proc.stdout, proc.stdout
             encoder_alone = "encoder" in flagfiles[0]  # --notrain_head overrides the nested flagfile's --train_head
-            assert (f"HEAD {not encoder_alone} DIR runs/mnist_whitebox{'_encoder' if encoder_alone else ''}"
-                    in proc.stdout), proc.stdout
+            suffix = flagfiles[0].removeprefix("configs/mnist_whitebox").removesuffix(".flags")  # "", _encoder, _pixel
+            assert f"HEAD {not encoder_alone} DIR runs/mnist_whitebox{suffix} " in proc.stdout, proc.stdout
         else:  # the MID stage's own batch size and meta-train count, the cache crafted while training
             assert "SOURCE target BATCH 128 2 OVERLAP True" in proc.stdout, proc.stdout
+        # only the pixel flagfile turns the pixel consistency on (default 0: the official loss)
+        assert f"PIXEL {1.0 if 'pixel' in flagfiles[0] else 0.0}" in proc.stdout, proc.stdout
         # --*_precision=auto is resolved for this machine before the config is built
         from mid_tf.training.precision import resolve
         auto = resolve("auto")[0]

@@ -87,6 +87,9 @@ meta_beta                  mid.beta                    Weight beta of the meta-t
 meta_order                 mid.meta_order              2: exact second-order meta-gradient; 1: first-order.
 meta_train_weights         mid.train_weights           Meta-train loss weights w_LC,w_AC,w_CC.
 meta_test_weights          mid.test_weights            Meta-test loss weights w_LC,w_AC,w_CC.
+pixel_weight               mid.pixel_weight            Weight w_PC of the pixel consistency, the mean L1 between the
+    regeneration D_t(E_s(x~)) and the clean x, in the meta-train and the meta-test loss (0: off; the official
+    code computes this term but never adds it).
 kl_reduction               mid.kl_reduction            Reduction of the feature KL terms: elementwise_mean (PyTorch
     KLDivLoss's default, as the official code) | distribution_mean (per-location KL, averaged).
 softmax_axis               mid.softmax_axis            Feature softmax axis of the KL terms (-1: channels).
@@ -211,9 +214,9 @@ def build_config() -> config.RunConfig:
         steps_per_epoch=F.mid_steps_per_epoch, pool=F.attack_pool, num_meta_train=F.num_meta_train,
         alpha=F.meta_alpha, beta=F.meta_beta, meta_order=F.meta_order,
         train_weights=_numbers("meta_train_weights", F.meta_train_weights, 3),
-        test_weights=_numbers("meta_test_weights", F.meta_test_weights, 3), softmax_axis=F.softmax_axis,
-        kl_reduction=F.kl_reduction, attack_source=F.attack_source, val_examples=F.val_examples,
-        attack_cache_epochs=F.attack_cache_epochs, attack_cache_overlap=F.attack_cache_overlap,
+        test_weights=_numbers("meta_test_weights", F.meta_test_weights, 3), pixel_weight=F.pixel_weight,
+        softmax_axis=F.softmax_axis, kl_reduction=F.kl_reduction, attack_source=F.attack_source,
+        val_examples=F.val_examples, attack_cache_epochs=F.attack_cache_epochs, attack_cache_overlap=F.attack_cache_overlap,
         student_init=F.student_init, train_head=F.train_head, eps_warmup_epochs=F.mid_eps_warmup_epochs,
         precision=_precision("mid_precision"), val_attacks=_specs(F.val_attacks),
         val_whitebox_attacks=_specs(F.val_whitebox_attacks))

@@ -6,7 +6,8 @@ Read it against docs/method.md §Stage 2 (the meta step); the file follows its o
     S, u     = sampled from the Attacker Pool        meta-train tasks, held-out task    (`sample_tasks`, `Tasks`)
     x~_s     = A_s(x), s ∈ S ∪ {u}                   crafted on the target or C(E_s(·)) (`AttackPool.craft_step`)
     L(θ, x~) = w_LC·CE(C(E_s(x~;θ)), y) + w_AC·KL(sm f_t ‖ sm E_s(x~;θ))
-               + w_CC·KL(sm f_t ‖ sm E_t(D_t(E_s(x~;θ))))                                 (`_loss`, losses.py)
+               + w_CC·KL(sm f_t ‖ sm E_t(D_t(E_s(x~;θ))))
+               + w_PC·‖D_t(E_s(x~;θ)) − x‖₁         x: the clean batch                   (`_loss`, losses.py)
     L_train  = Σ_{s∈S} L(θ, x~_s)
     θ'       = θ − α ∇θ L_train                      inner step
     L_test   = L(θ', x~_u)                           meta-test on the held-out attack, at θ'
@@ -21,6 +22,9 @@ Only E_s is trainable; E_t, D_t, C and the target are frozen by construction (`t
 With a `student_classifier` (`MIDStageConfig.train_head`) θ also holds a student head C_s, initialised
 from C: the label term becomes CE(C_s(E_s(x~)), y), the deployed pipeline C_s(E_s(·)); C itself stays
 frozen (the feature and cyclic terms do not use a head).
+The pixel term w_PC·‖D_t(E_s(x~;θ)) − x‖₁ (mean L1 against the *clean* x; `MIDStageConfig.pixel_weight`, one
+weight for meta-train and meta-test) is the paper's pixel-level consistency, which the official code computes
+but never adds; at w_PC = 0 (default) it is not computed and L is the three-term loss bit for bit.
 BatchNorm (the ResNet family for natural images): every L(·) runs E_s in training mode, so each pass
 normalises with the statistics of its own input batch: L_train with those of concat(S) (the k meta-train
 tasks pooled, as one batch of k·B), L_test at θ' with those of the held-out task alone. The batch
@@ -44,19 +48,28 @@ import tensorflow as tf
 from mid_tf.config import MIDStageConfig
 from mid_tf.training.losses import LossWeights, multi_consistency
 
+TERMS = ("lc", "ac", "cc", "pc")  # the terms of L logged per split: train_<term>, test_<term>
+
 
 class Tasks(NamedTuple):
     """One step's sampled tasks: S as one batch of k·B and the held-out task u, with their targets.
 
     Σ_{s∈S} L(θ, s) = k · L(θ, concat(S)), since every term of L is a mean over its batch."""
-    x_train: tf.Tensor    # concat(S): the k meta-train tasks        [k·B, H, W, C]
-    y_train: tf.Tensor    # y, k times                               [k·B]
-    f_t_train: tf.Tensor  # f_t, k times                             [k·B, ...]
-    k: tf.Tensor          # |S|, in x's dtype
-    x_test: tf.Tensor     # u: the held-out task                     [B, H, W, C]
-    y: tf.Tensor          # labels                                   [B]
-    f_t: tf.Tensor        # E_t(x), no gradient                      [B, ...]
-    held_out: tf.Tensor   # u's index in the pool (int32 scalar)
+    x_train: tf.Tensor        # concat(S): the k meta-train tasks        [k·B, H, W, C]
+    y_train: tf.Tensor        # y, k times                               [k·B]
+    f_t_train: tf.Tensor      # f_t, k times                             [k·B, ...]
+    x_clean_train: tf.Tensor  # x, k times (the pixel term's target)     [k·B, H, W, C]
+    k: tf.Tensor              # |S|, in x's dtype
+    x_test: tf.Tensor         # u: the held-out task                     [B, H, W, C]
+    y: tf.Tensor              # labels                                   [B]
+    f_t: tf.Tensor            # E_t(x), no gradient                      [B, ...]
+    x_clean: tf.Tensor        # x, the clean batch                       [B, H, W, C]
+    held_out: tf.Tensor       # u's index in the pool (int32 scalar)
+
+
+def _tiled(t, k):
+    """t repeated k times along the batch axis: the targets of concat(S)."""
+    return tf.tile(t, tf.concat([[k], tf.ones([tf.rank(t) - 1], tf.int32)], 0))
 
 
 class MetaInvarianceDefense(keras.Model):
@@ -69,7 +82,8 @@ class MetaInvarianceDefense(keras.Model):
         super().__init__(**kwargs)
         config.validate()
         self.config = config
-        self.train_weights, self.test_weights = LossWeights(*config.train_weights), LossWeights(*config.test_weights)
+        self.train_weights = LossWeights(*config.train_weights, pc=config.pixel_weight)
+        self.test_weights = LossWeights(*config.test_weights, pc=config.pixel_weight)
         self.student_encoder = student_encoder
         self.teacher_encoder, self.decoder, self.classifier, self.target = teacher_encoder, decoder, classifier, target
         for frozen in (teacher_encoder, decoder, classifier, target):
@@ -83,7 +97,7 @@ class MetaInvarianceDefense(keras.Model):
         self.head = student_classifier if self.train_head else classifier  # the deployed head
         self.pool = pool
         self.trackers = {name: keras.metrics.Mean(name=name) for name in (
-            "loss", "L_train", "L_test", "train_lc", "train_ac", "train_cc", "test_lc", "test_ac", "test_cc")}
+            "loss", "L_train", "L_test", *(f"{split}_{term}" for split in ("train", "test") for term in TERMS))}
 
     # ----------------------------------------------------------------------------- inference
     def call(self, x, training=False):
@@ -121,15 +135,15 @@ class MetaInvarianceDefense(keras.Model):
         k = tf.shape(meta_train_idx)[0]
         f_t = tf.stop_gradient(self.teacher_encoder(x, training=False)["features"])
         return Tasks(x_train=tf.reshape(rows[:-1], tf.concat([[-1], tf.shape(x)[1:]], 0)),
-                     y_train=tf.tile(y, [k]),
-                     f_t_train=tf.tile(f_t, tf.concat([[k], tf.ones([tf.rank(f_t) - 1], tf.int32)], 0)),
-                     k=tf.cast(k, x.dtype), x_test=rows[-1], y=y, f_t=f_t, held_out=held_out)
+                     y_train=tf.tile(y, [k]), f_t_train=_tiled(f_t, k), x_clean_train=_tiled(x, k),
+                     k=tf.cast(k, x.dtype), x_test=rows[-1], y=y, f_t=f_t, x_clean=x, held_out=held_out)
 
     # ----------------------------------------------------------------------------- L(θ, x~)
-    def _loss(self, params, non_trainable, x_in, f_t, y, weights):
-        """L(params, x_in): the multi-consistency loss of the student at `params` on one input batch;
-        returns (terms, updated non-trainable state). `params` is θ as a list (student_variables' order):
-        E_s's tensors, then C_s's with a student head."""
+    def _loss(self, params, non_trainable, x_in, x, f_t, y, weights):
+        """L(params, x_in): the multi-consistency loss of the student at `params` on one input batch x~ = x_in,
+        with the targets of its clean counterpart: x (pixel term), f_t = E_t(x) and y; returns (terms, updated
+        non-trainable state). `params` is θ as a list (student_variables' order): E_s's tensors, then C_s's
+        with a student head."""
         n = len(self.student_encoder.trainable_variables)
         out, non_trainable = self.student_encoder.stateless_call(params[:n], non_trainable, x_in, training=True)
         classifier = self.classifier
@@ -139,7 +153,7 @@ class MetaInvarianceDefense(keras.Model):
             def classifier(f, training=False):
                 return self.student_classifier.stateless_call(head_params, head_state, f, training=training)[0]
         terms = multi_consistency(out, f_t, y, classifier=classifier, decoder=self.decoder,
-                                  teacher_encoder=self.teacher_encoder, weights=weights,
+                                  teacher_encoder=self.teacher_encoder, weights=weights, clean_images=x,
                                   softmax_axis=self.config.softmax_axis, kl_reduction=self.config.kl_reduction)
         return terms, non_trainable
 
@@ -158,8 +172,8 @@ class MetaInvarianceDefense(keras.Model):
             outer.watch(theta)
             with tf.GradientTape() as train_tape:
                 train_tape.watch(theta)
-                train_terms, state_after = self._loss(theta, state, tasks.x_train, tasks.f_t_train, tasks.y_train,
-                                                      self.train_weights)
+                train_terms, state_after = self._loss(theta, state, tasks.x_train, tasks.x_clean_train,
+                                                      tasks.f_t_train, tasks.y_train, self.train_weights)
                 L_train = tasks.k * train_terms["total"]
             g_local = train_tape.gradient(L_train, theta)  # recorded by the outer tape: order 2 keeps it
             g = g_local
@@ -170,8 +184,8 @@ class MetaInvarianceDefense(keras.Model):
             theta_prime = [w - cfg.alpha * gi for w, gi in zip(theta, g)]  # never assigned to variables
             with tf.GradientTape() as test_tape:
                 test_tape.watch(theta_prime)
-                test_terms, _ = self._loss(theta_prime, state_after, tasks.x_test, tasks.f_t, tasks.y,
-                                           self.test_weights)
+                test_terms, _ = self._loss(theta_prime, state_after, tasks.x_test, tasks.x_clean, tasks.f_t,
+                                           tasks.y, self.test_weights)
                 L_test = test_terms["total"]
             J = L_train + cfg.beta * L_test
             scaled = J / replicas
@@ -181,8 +195,7 @@ class MetaInvarianceDefense(keras.Model):
             grads = [(g1 + cfg.beta * g2) / replicas
                      for g1, g2 in zip(g_local, test_tape.gradient(L_test, theta_prime))]
         logs = {"loss": J, "L_train": L_train, "L_test": L_test,
-                **{f"train_{t}": train_terms[t] for t in ("lc", "ac", "cc")},
-                **{f"test_{t}": test_terms[t] for t in ("lc", "ac", "cc")}}
+                **{f"train_{t}": train_terms[t] for t in TERMS}, **{f"test_{t}": test_terms[t] for t in TERMS}}
         return grads, logs, state_after
 
     def meta_gradients(self, x, y, step, crafted=None):
