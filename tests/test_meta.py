@@ -337,7 +337,7 @@ def test_flagfiles_parse():
             assert "POOL pgd5,pgd10,pgd20,pgd_l2_5 SOURCE student BATCH 128 2" in proc.stdout, proc.stdout
             assert "WARMUP 1.0" in proc.stdout, proc.stdout
             encoder_alone = "encoder" in flagfiles[0]  # --notrain_head overrides the nested flagfile's --train_head
-            suffix = flagfiles[0].removeprefix("configs/mnist_whitebox").removesuffix(".flags")  # "", _encoder, _pixel
+            suffix = flagfiles[0].split("whitebox", 1)[1].removesuffix(".flags")  # "", _encoder, _pixel
             assert f"HEAD {not encoder_alone} DIR runs/mnist_whitebox{suffix} " in proc.stdout, proc.stdout
         else:  # the MID stage's own batch size and meta-train count, the cache crafted while training
             assert "SOURCE target BATCH 128 2 OVERLAP True" in proc.stdout, proc.stdout
