@@ -351,11 +351,11 @@ def test_flagfiles_parse():
 
 
 @pytest.mark.parametrize("flagfile, expected", [
-    ("configs/cifar10.flags", "STAGES target,teacher,mid,pgd_at,eval DATASET image_folder WIDTH 0.25 AUGMENT True "
+    ("configs/cifar10.flags", "STAGES target,teacher,mid,pgd_at,trades,eval DATASET image_folder WIDTH 0.25 AUGMENT True "
                               "SOURCE target BATCH 128 2 CACHE 3 DIR runs/cifar10"),
-    ("configs/cifar10_whitebox.flags", "STAGES target,teacher,mid,pgd_at,eval DATASET image_folder WIDTH 0.25 "
+    ("configs/cifar10_whitebox.flags", "STAGES target,teacher,mid,pgd_at,trades,eval DATASET image_folder WIDTH 0.25 "
                                        "AUGMENT True SOURCE student BATCH 128 2 CACHE 0 DIR runs/cifar10_whitebox"),
-    ("configs/cifar10_gpu.flags", "STAGES target,teacher,mid,pgd_at,eval DATASET image_folder WIDTH 1.0 "
+    ("configs/cifar10_gpu.flags", "STAGES target,teacher,mid,pgd_at,trades,eval DATASET image_folder WIDTH 1.0 "
                                   "AUGMENT True SOURCE target BATCH 256 4 CACHE 0 DIR runs/cifar10_gpu")])
 def test_cifar10_flagfiles_parse(flagfile, expected):
     proc = subprocess.run([sys.executable, "-c", (
