@@ -51,3 +51,17 @@ def test_time_to_accuracy_reads_the_validation_epochs(tmp_path, mnist_data_dir):
     # A model_dir that exists is refused (its completed stages would be skipped, the time meaningless).
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_eval_fn_benchmark_compares_eager_and_compiled():
+    proc = subprocess.run([sys.executable, "benchmarks/eval_fn.py", "--examples", "4",
+                           "--attacks", "apgd_ce:max_iter=2,cw_l2:max_iterations=2,binary_search_steps=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "threat model rgb: L-inf eps 0.03137 (8/255)" in out
+    assert out.count("forward batch") == 2 and out.count("x  accuracy left") == 2 and out.count("ms  ratio") == 2
+    assert "apgd_ce:max_iter=2" in out and "accuracy left" in out
+    bad = subprocess.run([sys.executable, "benchmarks/eval_fn.py", "--attacks", "pgd40"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "error: --attacks: only eager-only attacks" in bad.stderr + bad.stdout

@@ -57,10 +57,12 @@ class Workbench:
 
 
 def as_fn(model):
-    """A Keras model as a logits function in inference mode; anything else as it is."""
+    """A Keras model as a compiled logits function in inference mode (one trace per batch shape: the
+    eager-only attacks call it hundreds of times per batch, and a Keras call run eagerly took twice as long,
+    docs/attacks.md); anything else as it is."""
     import keras
     if isinstance(model, keras.Model):
-        return lambda z, _m=model: _m(z, training=False)
+        return tf.function(lambda z, _m=model: _m(z, training=False), reduce_retracing=True)
     return model
 
 
