@@ -230,3 +230,28 @@ def test_killed_evaluation_resumes_from_the_memo_and_retrained_models_are_redone
     calls.clear()
     build_report(spec, memo=ReportMemo(path), progress=False)
     assert len(calls) == 2 + 2 + 1  # both transfer attacks (scored by `other`), its 2 white-box, its sweep
+
+
+def test_whitebox_attacks_only_the_images_a_model_gets_right(tiny, monkeypatch):
+    """White-box pieces craft on the correctly classified images only; the misclassified ones count as broken
+    even if an attack would move them back to the right class."""
+    from mid_tf.evaluation import pieces
+    target, (x, y) = tiny
+    x, y = x[:64], y[:64]
+    other = F.train_target(width=0.25, train_examples=300, seed=3)  # weak: gets many images wrong
+    right = pieces.correct_mask(pieces.as_fn(other), x, y)
+    assert 0 < right.sum() < len(y), right.sum()
+    seen = []
+
+    def fixing_attack(attack, fn, xs, ys, **kw):  # "attacks" by returning images that every model gets right
+        if isinstance(attack, str):  # the report's pieces; the eps sweep passes specs
+            seen.append(len(xs))
+        return xs
+
+    monkeypatch.setattr(pieces, "craft", fixing_attack)
+    report, _ = build_report(ReportInput({"target": target, "other": other}, x, y, attacks=["fgsm"],
+                                         whitebox_attacks=["pgd40"], pool=POOL), progress=False)
+    target_right = int(pieces.correct_mask(pieces.as_fn(target), x, y).sum())
+    assert sorted(seen) == sorted([len(y), target_right, int(right.sum())])  # transfer: all; white-box: the right ones
+    assert report["whitebox"]["pgd40"]["other"] == pytest.approx(right.mean())
+    assert report["whitebox"]["pgd40"]["other"] <= report["clean"]["other"]
