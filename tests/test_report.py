@@ -255,3 +255,17 @@ def test_whitebox_attacks_only_the_images_a_model_gets_right(tiny, monkeypatch):
     assert sorted(seen) == sorted([len(y), target_right, int(right.sum())])  # transfer: all; white-box: the right ones
     assert report["whitebox"]["pgd40"]["other"] == pytest.approx(right.mean())
     assert report["whitebox"]["pgd40"]["other"] <= report["clean"]["other"]
+
+
+def test_report_lists_the_autoattack_components(tiny):
+    target, (x, y) = tiny
+    report, _ = build_report(ReportInput({"target": target}, x[:8], y[:8], pool=POOL, slow_examples=8,
+                                         attacks=_attack_list(["autoattack", "autoattack_fast"]), whitebox_attacks=[]),
+                             progress=False)
+    standard, fast = report["attacks"]["autoattack"]["components"], report["attacks"]["autoattack_fast"]["components"]
+    assert standard.startswith("APGD-CE (5 iterations") and "APGD-T (targeted DLR, 9 target classes" in standard
+    assert "Square (20 queries)" in standard and "FAB-T left out" in standard
+    assert fast.startswith("NOT standard AutoAttack") and "untargeted APGD-DLR" in fast
+    assert "components" not in report["attacks"].get("fgsm", {})
+    from mid_tf.evaluation.writers import format_markdown
+    assert f"`autoattack` = {standard}." in format_markdown(report)

@@ -223,6 +223,20 @@ def _autoattack(spec, clf_for, p):
     return WorstCase(clf, parts, spec.eps)
 
 
+def components(spec) -> str | None:
+    """The components of an AutoAttack spec as the report shows them (None for any other attack)."""
+    if spec.method not in _AUTOATTACKS:
+        return None
+    p = {k: spec.param(k) for k in ART_PARAMS[spec.method]}
+    starts = int(p["nb_random_init"])
+    apgd = f"{p['max_iter']} iterations, {starts} random start{'s' if starts != 1 else ''}"
+    if spec.method == "autoattack_fast":
+        return (f"NOT standard AutoAttack: APGD-CE ({apgd}), untargeted APGD-DLR ({apgd}), Square "
+                f"({p['square_max_iter']} queries); worst case per example")
+    return (f"APGD-CE ({apgd}), APGD-T (targeted DLR, {p['n_target_classes']} target classes, {apgd} each), "
+            f"Square ({p['square_max_iter']} queries); worst case per example; FAB-T left out (not in ART)")
+
+
 def build_art(spec, model_fn, input_shape, nb_classes: int):
     """The ART attack object for an ART-backed spec (`WorstCase` for the AutoAttacks): `.generate(x=, y=)`
     with one-hot labels."""

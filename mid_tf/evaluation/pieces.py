@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from mid_tf.attacks import get_spec
+from mid_tf.attacks import art_suite, get_spec
 from mid_tf.evaluation.inputs import ReportInput
 from mid_tf.evaluation.memo import ReportMemo, fingerprint
 from mid_tf.evaluation.robustness import accuracy, craft
@@ -108,6 +108,8 @@ def _describe(bench: Workbench, attack: str) -> tuple[str, int]:
                                              "norm": "inf" if spec.norm == np.inf else float(spec.norm),
                                              "eps": spec.eps, "targeted": spec.targeted, "examples": n,
                                              "spec": attack})
+    if art_suite.components(spec):
+        bench.report["attacks"][key]["components"] = art_suite.components(spec)
     return key, n
 
 

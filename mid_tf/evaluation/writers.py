@@ -6,7 +6,8 @@
 
 report.json schema (`SCHEMA`, checked by `validate_report`):
   schema, created, dataset, examples, seed, versions{tensorflow,keras,cleverhans,art,python}, config,
-  models[list], pool[list], attacks{name: {group, method, norm, eps, targeted, examples, spec}},
+  models[list], pool[list], attacks{name: {group, method, norm, eps, targeted, examples, spec[, components]}}
+  (components: an AutoAttack's chain, art_suite.components),
   clean{model: acc}, transfer{attack: {model: acc}}, whitebox{attack: {model: acc}},
   summary{threat: {model: {known_mean, unknown_mean, worst, worst_attack}}},
   regeneration{"clean"|attack: {psnr_db, ssim}}, eps_sweep{model: {eps: acc}},
@@ -134,6 +135,9 @@ def format_markdown(report: dict) -> str:
              "| clean | " + " | ".join(_pct(report["clean"][m]) for m in models) + " |"]
     for threat in threats_of(report):
         lines += _threat_lines(report, threat)
+    chains = {a: d["components"] for a, d in report["attacks"].items() if d.get("components")}
+    if chains:
+        lines += [""] + [f"`{a}` = {c}." for a, c in chains.items()]
     if report["regeneration"]:
         lines += ["", "## Robust regeneration D_t(E_s(x~)) against x", "", "| input | PSNR dB | SSIM |",
                   "|---|---:|---:|"]
