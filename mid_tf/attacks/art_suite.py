@@ -31,7 +31,10 @@ to a third class first). So APGD-T here is ART's APGD in its untargeted mode (as
 reads both and is maximised: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), z_pi the sorted logits.
 Randomness (APGD/Square random starts) is drawn from NumPy's global RNG; runs with a seed save the
 global state, seed it, and restore it afterwards, so a seeded run is reproducible and side-effect free.
-`BROKEN` lists attacks excluded on this stack with the reason (empty when all work).
+The classifier answers every row it has already seen from a `RowCache` (row_cache.py: ART's Square asks
+three times per query for mostly unchanged images, APGD for the gradient where it just took the loss) and
+runs the model compiled, in batches of `PREDICT_BATCH` whatever ART asks (its spatial attack asks one
+image at a time). `BROKEN` lists attacks excluded on this stack with the reason (empty when all work).
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ import dataclasses
 
 import numpy as np
 import tensorflow as tf
+
+from mid_tf.attacks.row_cache import RowCache
+
+PREDICT_BATCH = 256  # rows per forward pass in the classifier's `predict`
 
 # method -> {param: default}. Iterations are kept overridable because ART on CPU is slow (see
 # docs/attacks.md). `autoattack`: Croce & Hein's standard parameters, n_target_classes targets for APGD-T.
@@ -111,32 +118,49 @@ def _classifier(model_fn, input_shape, nb_classes, per_example_loss=_ce):
     from art.estimators.classification import TensorFlowV2Classifier
 
     class _Keras3Classifier(TensorFlowV2Classifier):
-        """ART's TF2 classifier with a Keras-3-safe per-example loss (see module docstring)."""
+        """ART's TF2 classifier with a Keras-3-safe per-example loss (see module docstring), answering
+        rows it has seen from a `RowCache` (logits; loss with gradient, computed together)."""
 
         loss_fn = staticmethod(per_example_loss)  # which loss this classifier gives APGD (tests read it)
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.logits_cache, self.loss_cache = RowCache(50_000), RowCache(2_048)
 
         def _labels(self, y):
             y = np.asarray(y)
             return np.eye(self.nb_classes, dtype=np.float32)[y] if y.ndim == 1 else y.astype(np.float32)
 
+        def predict(self, x, batch_size=128, training_mode=False, **kwargs):
+            def compute(xs):  # our compiled function (ART's own retraces for every new batch shape), in
+                # chunks of PREDICT_BATCH whatever ART asks: its spatial attack predicts one image at a time
+                return (np.concatenate([_logits(tf.constant(xs[i:i + PREDICT_BATCH])).numpy()
+                                        for i in range(0, len(xs), PREDICT_BATCH)]),)
+            return self.logits_cache(compute, np.asarray(x, np.float32))[0]
+
+        def _loss_and_gradient(self, x, y):
+            def compute(xs, ys):
+                return [t.numpy() for t in _loss_grad(tf.constant(xs), tf.constant(ys))]
+            return self.loss_cache(compute, np.asarray(x, np.float32), self._labels(y))
+
         def compute_loss(self, x, y, reduction="none", **kwargs):
-            loss = _loss(tf.constant(x, tf.float32), tf.constant(self._labels(y))).numpy()
+            loss = self._loss_and_gradient(x, y)[0]
             return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
 
         def loss_gradient(self, x, y, training_mode=False, **kwargs):
-            return _gradient(tf.constant(x, tf.float32), tf.constant(self._labels(y))).numpy()
+            return self._loss_and_gradient(x, y)[1]
 
-    # Compiled once per classifier (APGD calls both every step; eagerly they ran 2.5x slower, docs/attacks.md).
-    @tf.function(reduce_retracing=True)
-    def _loss(xt, yt):
-        return per_example_loss(model_fn(xt), yt)
+    _logits = tf.function(model_fn, reduce_retracing=True)
 
+    # Compiled once per classifier (APGD calls it every step; eagerly it ran 2.5x slower, docs/attacks.md).
+    # The loss comes with its gradient: APGD asks for the gradient at the point whose loss it just took.
     @tf.function(reduce_retracing=True)
-    def _gradient(xt, yt):
+    def _loss_grad(xt, yt):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(xt)
-            loss = tf.reduce_sum(per_example_loss(model_fn(xt), yt))
-        return tape.gradient(loss, xt)
+            loss = per_example_loss(model_fn(xt), yt)
+            total = tf.reduce_sum(loss)
+        return loss, tape.gradient(total, xt)
 
     def art_model(z, training=False):  # ART calls model(x, training=...); model_fn takes images only
         return model_fn(z)
