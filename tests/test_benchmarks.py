@@ -65,3 +65,15 @@ def test_eval_fn_benchmark_compares_eager_and_compiled():
     bad = subprocess.run([sys.executable, "benchmarks/eval_fn.py", "--attacks", "pgd40"], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "error: --attacks: only eager-only attacks" in bad.stderr + bad.stdout
+
+
+def test_row_cache_benchmark_compares_cache_off_and_on():
+    proc = subprocess.run([sys.executable, "benchmarks/row_cache.py", "--examples", "4",
+                           "--attacks", "square:max_iter=5,apgd_ce:max_iter=2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if "cache off" in line]
+    assert len(rows) == 2 and rows[0].startswith("square:max_iter=5") and all("x  accuracy left" in r for r in rows)
+    bad = subprocess.run([sys.executable, "benchmarks/row_cache.py", "--attacks", "fgsm"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "error: --attacks: only ART's attacks" in bad.stderr + bad.stdout

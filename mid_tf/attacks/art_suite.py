@@ -125,7 +125,9 @@ def _classifier(model_fn, input_shape, nb_classes, per_example_loss=_ce):
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.logits_cache, self.loss_cache = RowCache(50_000), RowCache(2_048)
+            # gradients are image-sized: keep about 64 MiB of them, never fewer than two ART batches
+            grads = max(2 * PREDICT_BATCH, 2 ** 26 // (4 * int(np.prod(input_shape))))
+            self.logits_cache, self.loss_cache = RowCache(50_000), RowCache(grads)
 
         def _labels(self, y):
             y = np.asarray(y)
