@@ -1,5 +1,6 @@
 """The MID meta step: exact second-order gradient, frozen teacher, held-out task, white-box source, resume."""
 
+import json
 import os
 import subprocess
 import sys
@@ -578,3 +579,27 @@ def test_eps_warmup_shrinks_the_pool_then_leaves_it_unchanged(pool_names, k):
     assert build_mid(models, cfg, seed=2, steps_per_epoch=4).pool.eps_warmup_steps == 6
     with pytest.raises(ConfigError, match=r"^mid\.eps_warmup_epochs needs the steps per epoch"):
         build_mid(models, cfg, seed=2)
+
+
+def test_headline_eval_flagfile_changes_the_eval_stage_only():
+    """configs/mnist_headline_eval.flags after a white-box flagfile: 10,000 images, PGD-100 x 5 (CE, margin) and
+    standard AutoAttack; every training field as the white-box flagfile alone sets it."""
+    repo = os.path.dirname(HERE)
+
+    def config(*flagfiles):
+        argv = ", ".join(repr(f"--flagfile={f}") for f in flagfiles)
+        proc = subprocess.run([sys.executable, "-c", (
+            "import sys, dataclasses, json; sys.argv=['train.py', %s, '--seed=1']; import train; "
+            "from absl import flags; flags.FLAGS(sys.argv); cfg = train.build_config(); cfg.validate(); "
+            "print('CFG=' + json.dumps(dataclasses.asdict(cfg), default=str))" % argv)],
+            cwd=repo, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.split("CFG=", 1)[1])
+
+    for base in ("configs/mnist_whitebox.flags", "configs/mnist_whitebox_encoder.flags"):
+        alone, headline = config(base), config(base, "configs/mnist_headline_eval.flags")
+        assert headline["data"]["eval_examples"] == 10000 and headline["eval_slow_examples"] == 10000
+        assert headline["eval_whitebox_attacks"] == ["pgd100x5", "pgd100x5_margin", "autoattack"]
+        assert headline["seed"] == 1
+        for field in ("mid", "target", "teacher", "stages"):
+            assert headline[field] == alone[field], field
