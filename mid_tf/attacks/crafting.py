@@ -104,28 +104,42 @@ def margin_loss(labels, logits):
 
 
 def _pgd_with_restarts(spec: AttackSpec, model_fn, x, labels, seed, common):
-    """CleverHans PGD, `restarts` times from different random starts; per image, the restart whose
-    final point has the largest margin loss (untargeted) / smallest (targeted) is kept."""
+    """CleverHans PGD, `restarts` times from different random starts, stopping early per image: a restart
+    after the first runs only on the images every earlier one left unbroken (margin loss <= 0: still
+    correctly classified, or not yet at the target). An image once broken stays broken, so the accuracy
+    is that of every restart on every image, at the cost of the unbroken ones only. Per image the point
+    kept is the restart (among those run on it) whose final point has the largest margin loss (untargeted)
+    / smallest (targeted)."""
     from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
     restarts, loss = int(spec.param("restarts")), spec.param("loss")
     extra = {"loss_fn": margin_loss} if loss == "margin" else {}
-    best, best_score = None, None
-    for r in range(restarts):
+    sign = -1.0 if spec.targeted else 1.0
+
+    def pgd(r, xs, ys):
         r_seed = None if seed is None else (seed if restarts == 1 else fold(seed, 1000 + r))
         ctx = (seeded_random_start(start_seed(r_seed))
                if spec.rand_init and r_seed is not None else contextlib.nullcontext())
         with ctx:
-            adv = projected_gradient_descent(model_fn, x, spec.eps, spec.eps_iter, spec.nb_iter, spec.norm,
-                                             rand_init=spec.rand_init, **extra, **common)
-        if restarts == 1:
-            return adv
-        score = margin_loss(labels, model_fn(adv)) * (-1.0 if spec.targeted else 1.0)
-        if best is None:
-            best, best_score = adv, score
-        else:
-            take = score > best_score
-            best = tf.where(tf.reshape(take, [-1] + [1] * (len(x.shape) - 1)), adv, best)
-            best_score = tf.maximum(score, best_score)
+            return projected_gradient_descent(model_fn, xs, spec.eps, spec.eps_iter, spec.nb_iter, spec.norm,
+                                              rand_init=spec.rand_init, **extra, **{**common, "y": ys})
+
+    best = pgd(0, x, labels)
+    if restarts == 1:
+        return best
+    best_score = margin_loss(labels, model_fn(best)) * sign
+    for r in range(1, restarts):
+        left = tf.where(best_score <= 0)[:, 0]  # the images no restart has broken yet
+
+        def restart(r=r, left=left, best=best, best_score=best_score):
+            xs, ys = tf.gather(x, left), tf.gather(labels, left)
+            adv = pgd(r, xs, ys)
+            score = margin_loss(ys, model_fn(adv)) * sign
+            take = score > tf.gather(best_score, left)
+            adv = tf.where(tf.reshape(take, [-1] + [1] * (len(x.shape) - 1)), adv, tf.gather(best, left))
+            return (tf.tensor_scatter_nd_update(best, left[:, None], adv),
+                    tf.tensor_scatter_nd_update(best_score, left[:, None], tf.maximum(score, tf.gather(best_score, left))))
+
+        best, best_score = tf.cond(tf.size(left) > 0, restart, lambda best=best, s=best_score: (best, s))
     return best
 
 
