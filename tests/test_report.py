@@ -232,6 +232,43 @@ def test_killed_evaluation_resumes_from_the_memo_and_retrained_models_are_redone
     assert len(calls) == 2 + 2 + 1  # both transfer attacks (scored by `other`), its 2 white-box, its sweep
 
 
+def test_whitebox_shards_add_up_to_the_whole_and_a_killed_run_keeps_its_finished_shards(tiny, tmp_path, monkeypatch):
+    """shard_examples=10 on 32 images: 4 pieces per white-box attack and model (the unit workers share), whose
+    image-weighted mean is the unsharded row; a run killed mid-attack resumes from its finished shards."""
+    from mid_tf.evaluation import pieces
+    from mid_tf.evaluation.memo import ReportMemo
+
+    target, (x, y) = tiny
+    x, y = x[:32], y[:32]
+    other = F.train_target(width=0.25, train_examples=2000, seed=1)
+    kw = dict(attacks=["fgsm"], whitebox_attacks=["fgsm", "bim40:nb_iter=3,eps_iter=0.1"], pool=POOL, eps_sweep=())
+    models = {"target": target, "other": other}
+    whole, _ = build_report(ReportInput(models, x, y, **kw), progress=False)  # one shard: the unsharded pieces
+    spec = ReportInput(models, x, y, shard_examples=10, **kw)
+    real_craft, sizes = pieces.craft, []
+
+    def killing(*a, **k):
+        sizes.append(len(a[2]))
+        if len(sizes) == 5:  # the transfer FGSM and 3 white-box shards finished; killed in the 4th shard
+            raise KeyboardInterrupt("killed")
+        return real_craft(*a, **k)
+
+    path = str(tmp_path / "memo.json")
+    monkeypatch.setattr(pieces, "craft", killing)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(spec, memo=ReportMemo(path), progress=False)
+    assert sizes[0] == 32 and all(0 < n <= 10 for n in sizes[1:])  # white-box pieces craft <= 10 images each
+    monkeypatch.setattr(pieces, "craft", real_craft)
+    memo, log = ReportMemo(path), []
+    sharded, _ = build_report(spec, memo=memo, progress=True, log=log.append)
+    assert memo.hits == 4  # the transfer piece and the 3 finished shards
+    assert "white-box bim40 on other, images 30-32 of 32" in log and "white-box fgsm on other, images 0-10 of 32: done earlier (memo)" in log
+    assert sum('"images"' in k for k in ReportMemo(path).entries) == 3 * 4  # fgsm on other, bim40 on both
+    for attack, row in whole["whitebox"].items():
+        for m, acc in row.items():  # no random start: shards craft what the whole does (float round-off aside)
+            assert sharded["whitebox"][attack][m] == pytest.approx(acc, abs=1 / 32 + 1e-9), (attack, m)
+
+
 def test_whitebox_attacks_only_the_images_a_model_gets_right(tiny, monkeypatch):
     """White-box pieces craft on the correctly classified images only; the misclassified ones count as broken
     even if an attack would move them back to the right class."""

@@ -31,6 +31,8 @@ class ReportInput:
     pool              the MID training pool (names or the pool string's names): known vs unknown
     regenerator       x -> D_t(E_s(x)) for the regeneration metrics and the image grids (optional)
     slow_examples     images for the eager-only attacks (CW, SPSA, ART's)
+    shard_examples    images per white-box piece (evaluation/pieces.py): the unit workers share and a stopped
+                      evaluation keeps
     eps_sweep         eps values of the white-box `sweep_attack` sanity sweep (empty: no sweep)
     dataset, config   recorded in the report as they are
     grid_attacks      base names of the transfer attacks whose clean | adversarial | regenerated
@@ -46,6 +48,7 @@ class ReportInput:
     target: str = "target"
     regenerator: Callable | None = None
     slow_examples: int = 1000
+    shard_examples: int = 1000
     seed: int = 0
     eps_sweep: Sequence[float] = (0.1, 0.2, 0.3, 1.0)
     sweep_attack: str = "pgd40"

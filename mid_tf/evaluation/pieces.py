@@ -6,7 +6,8 @@ the finished ones):
              the regeneration quality D_t(E_s(x~)) against x and, for `grid_attacks`, an image grid
   unseen     one attack crafted once on the unseen source (a network MID never saw), its adversarials
              classified by every model and by the source itself (how strong the attack is where crafted)
-  whitebox   one attack crafted end to end on one model, classified by that model, on the images the model
+  whitebox   one attack crafted end to end on one model, classified by that model, one piece per shard of
+             `shard_examples` test images (workers share a long attack; a stopped run keeps finished shards), on the images the model
              gets right (the others count as broken, AutoAttack's rule: robust accuracy <= clean accuracy, and
              a robust model's misclassified images are not attacked for nothing); on the target it is the
              transfer piece's number (same adversarials, same source), so it is not crafted twice
@@ -96,7 +97,7 @@ def plan(bench: Workbench) -> list[Piece]:
     if bench.spec.unseen_source is not None:
         pieces += [unseen_piece(bench, attack) for attack in bench.spec.attacks]
     for attack in bench.spec.whitebox:
-        pieces += [p for p in (whitebox_piece(bench, attack, m) for m in bench.fns) if p is not None]
+        pieces += [p for m in bench.fns for p in whitebox_pieces(bench, attack, m)]
     return pieces + [checks_piece(bench, m) for m in bench.fns]
 
 
@@ -174,30 +175,38 @@ def _apply_unseen(bench: Workbench, key: str, done: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ white-box
-def whitebox_piece(bench: Workbench, attack: str, m: str) -> Piece | None:
-    """The piece of `attack` crafted on model `m`; None for a transfer attack on the target itself."""
+def whitebox_pieces(bench: Workbench, attack: str, m: str) -> list[Piece]:
+    """The pieces of `attack` crafted on model `m`, one per shard of `shard_examples` images (several
+    workers share a long attack, and a stopped evaluation keeps its finished shards); none for a transfer
+    attack on the target itself. A single shard keeps the unsharded memo key."""
     key, n = _describe(bench, attack)
     s = bench.spec
     bench.report["whitebox"].setdefault(key, {})[m] = None
     if m == s.target and attack in s.attacks:
         bench.shared_with_transfer.append(key)  # same adversarials, same source
-        return None
-    return Piece(ReportMemo.key("whitebox", attack, n, s.seed, m, bench.fps[m], bench.fps["data"], WHITEBOX_RULE),
-                 f"white-box {key} on {m}, {n} images",
-                 functools.partial(_craft_whitebox, bench, attack, m, n),
-                 functools.partial(_apply_whitebox, bench, key, m))
+        return []
+    shards = [(a, min(a + s.shard_examples, n)) for a in range(0, n, s.shard_examples)]
+    base = ("whitebox", attack, n, s.seed, m, bench.fps[m], bench.fps["data"], WHITEBOX_RULE)
+    parts: dict = {}
+    return [Piece(ReportMemo.key(*base) if len(shards) == 1 else ReportMemo.key(*base, "images", a, b),
+                  f"white-box {key} on {m}, {n} images" if len(shards) == 1 else
+                  f"white-box {key} on {m}, images {a}-{b} of {n}",
+                  functools.partial(_craft_whitebox, bench, attack, m, a, b),
+                  functools.partial(_apply_whitebox, bench, key, m, (a, b), parts, len(shards)))
+            for a, b in shards]
 
 
-def _craft_whitebox(bench: Workbench, attack: str, m: str, n: int) -> float:
-    """Robust accuracy of model `m` under `attack` crafted on it. Only the images `m` classifies correctly
-    are attacked (WHITEBOX_RULE): the others count as broken already, as in AutoAttack."""
-    f, x, y = bench.fns[m], bench.x[:n], bench.y[:n]
+def _craft_whitebox(bench: Workbench, attack: str, m: str, a: int, b: int) -> float:
+    """Robust accuracy of model `m` on images a..b under `attack` crafted on it. Only the images `m`
+    classifies correctly are attacked (WHITEBOX_RULE): the others count as broken already, as in AutoAttack.
+    Batch i of the shard starting at image a is seeded (seed, a + i): shards never repeat a random start."""
+    f, x, y = bench.fns[m], bench.x[a:b], bench.y[a:b]
     right = correct_mask(f, x, y)
     if not right.any():
         return 0.0
     adv = craft(attack, f, x[right], y[right], batch_size=bench.spec.batch_size, seed=bench.spec.seed,
-                progress=bench.progress)
-    return accuracy(f, adv, y[right]) * float(right.sum()) / n
+                progress=bench.progress, first_batch=a)
+    return accuracy(f, adv, y[right]) * float(right.sum()) / (b - a)
 
 
 def correct_mask(classify_fn, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> np.ndarray:
@@ -207,8 +216,12 @@ def correct_mask(classify_fn, x: np.ndarray, y: np.ndarray, batch_size: int = 10
     return np.concatenate(pred) == y if pred else np.zeros(0, bool)
 
 
-def _apply_whitebox(bench: Workbench, key: str, m: str, done: float) -> None:
-    bench.report["whitebox"][key][m] = done
+def _apply_whitebox(bench: Workbench, key: str, m: str, shard: tuple, parts: dict, count: int, done: float) -> None:
+    """Keeps a shard's accuracy; the last one fills the row with the image-weighted mean of all."""
+    parts[shard] = done
+    if len(parts) == count:
+        n = max(b for _, b in parts)
+        bench.report["whitebox"][key][m] = done if count == 1 else sum(acc * (b - a) for (a, b), acc in parts.items()) / n
 
 
 # ------------------------------------------------------------------------------------------ checks

@@ -17,8 +17,9 @@ from mid_tf.attacks import get_spec, make_attack
 
 
 def craft(attack: str, source_fn, x: np.ndarray, y: np.ndarray, *, batch_size: int = 500, seed: int = 0,
-          progress: bool = True) -> np.ndarray:
-    """Adversarial examples for all of `x`, crafted on `source_fn`, batch by batch."""
+          progress: bool = True, first_batch: int = 0) -> np.ndarray:
+    """Adversarial examples for all of `x`, crafted on `source_fn`, batch by batch; batch i is seeded
+    (seed, first_batch + i)."""
     spec = get_spec(attack)
     fn = make_attack(spec)
     call = (tf.function(lambda xb, yb, s: fn(source_fn, xb, yb, seed=s), reduce_retracing=True)
@@ -28,7 +29,7 @@ def craft(attack: str, source_fn, x: np.ndarray, y: np.ndarray, *, batch_size: i
     for i, start in enumerate(range(0, len(x), batch_size)):
         xb = tf.constant(x[start:start + batch_size], tf.float32)
         yb = tf.constant(y[start:start + batch_size], tf.int64)
-        seed_t = tf.constant([seed, i], tf.int64)
+        seed_t = tf.constant([seed, first_batch + i], tf.int64)
         out.append(np.asarray(call(xb, yb, seed_t)))
         if bar:
             bar.add(len(xb))
