@@ -190,6 +190,26 @@ def test_eval_stage_writes_report_figures_and_tensorboard(tmp_path, mnist_data_d
         assert "helper" not in json.load(f)["stages"]["eval"]  # the helper never writes the summary
 
 
+def _kill_in_call(n: int, spec, memo_path: str, monkeypatch) -> list:
+    """Runs build_report(spec) with a memo at `memo_path` and kills it (KeyboardInterrupt) in its n-th craft
+    call; returns the arguments of the n calls."""
+    from mid_tf.evaluation import pieces
+    from mid_tf.evaluation.memo import ReportMemo
+    real_craft, calls = pieces.craft, []
+
+    def killing(*a, **k):
+        calls.append(a)
+        if len(calls) == n:
+            raise KeyboardInterrupt("killed")
+        return real_craft(*a, **k)
+
+    monkeypatch.setattr(pieces, "craft", killing)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(spec, memo=ReportMemo(memo_path), progress=False)
+    monkeypatch.setattr(pieces, "craft", real_craft)
+    return calls
+
+
 def test_killed_evaluation_resumes_from_the_memo_and_retrained_models_are_redone(tiny, tmp_path, monkeypatch):
     from mid_tf.evaluation import pieces
     from mid_tf.evaluation.memo import ReportMemo
@@ -206,17 +226,8 @@ def test_killed_evaluation_resumes_from_the_memo_and_retrained_models_are_redone
         calls.append(a[0])
         return real_craft(*a, **k)
 
-    def killing(*a, **k):
-        calls.append(a[0])
-        if len(calls) == 4:  # 2 transfer attacks, white-box FGSM on `other` finished; killed in the 4th
-            raise KeyboardInterrupt("killed")
-        return real_craft(*a, **k)
-
     path = str(tmp_path / "memo.json")
-    monkeypatch.setattr(pieces, "craft", killing)
-    with pytest.raises(KeyboardInterrupt):
-        build_report(spec, memo=ReportMemo(path), progress=False)
-    calls.clear()
+    _kill_in_call(4, spec, path, monkeypatch)  # 2 transfer attacks, white-box FGSM on `other` finished
     monkeypatch.setattr(pieces, "craft", counting)
     memo = ReportMemo(path)
     resumed, _ = build_report(spec, memo=memo, progress=False)
@@ -235,7 +246,6 @@ def test_killed_evaluation_resumes_from_the_memo_and_retrained_models_are_redone
 def test_whitebox_shards_add_up_to_the_whole_and_a_killed_run_keeps_its_finished_shards(tiny, tmp_path, monkeypatch):
     """shard_examples=10 on 32 images: 4 pieces per white-box attack and model (the unit workers share), whose
     image-weighted mean is the unsharded row; a run killed mid-attack resumes from its finished shards."""
-    from mid_tf.evaluation import pieces
     from mid_tf.evaluation.memo import ReportMemo
 
     target, (x, y) = tiny
@@ -245,20 +255,9 @@ def test_whitebox_shards_add_up_to_the_whole_and_a_killed_run_keeps_its_finished
     models = {"target": target, "other": other}
     whole, _ = build_report(ReportInput(models, x, y, **kw), progress=False)  # one shard: the unsharded pieces
     spec = ReportInput(models, x, y, shard_examples=10, **kw)
-    real_craft, sizes = pieces.craft, []
-
-    def killing(*a, **k):
-        sizes.append(len(a[2]))
-        if len(sizes) == 5:  # the transfer FGSM and 3 white-box shards finished; killed in the 4th shard
-            raise KeyboardInterrupt("killed")
-        return real_craft(*a, **k)
-
     path = str(tmp_path / "memo.json")
-    monkeypatch.setattr(pieces, "craft", killing)
-    with pytest.raises(KeyboardInterrupt):
-        build_report(spec, memo=ReportMemo(path), progress=False)
+    sizes = [len(a[2]) for a in _kill_in_call(5, spec, path, monkeypatch)]  # transfer FGSM, 3 shards finished
     assert sizes[0] == 32 and all(0 < n <= 10 for n in sizes[1:])  # white-box pieces craft <= 10 images each
-    monkeypatch.setattr(pieces, "craft", real_craft)
     memo, log = ReportMemo(path), []
     sharded, _ = build_report(spec, memo=memo, progress=True, log=log.append)
     assert memo.hits == 4  # the transfer piece and the 3 finished shards
