@@ -25,7 +25,7 @@ import tempfile
 import keras
 
 from mid_tf.data.datasets import KNOWN_DATASETS
-from mid_tf.models import MIDModels, build_models, copy_teacher_head
+from mid_tf.models import MIDModels, build_models, copy_teacher_parts
 
 # Networks a completed stage may lack on disk (written by later versions): loading keeps their current
 # weights. A mid stage from before --train_head has no student_classifier: its head is the teacher's C.
@@ -39,6 +39,7 @@ STAGE_NETWORKS = {
     "pgd_at": ("pgd_at",),
     "trades": ("trades",),
     "surrogate": ("surrogate",),
+    "regen": ("student_decoder",),
 }
 
 
@@ -240,14 +241,15 @@ def load_stage(model_dir: str, stage: str, models: MIDModels) -> dict:
             continue
         getattr(models, net).load_weights(path)
     if stage == "teacher":
-        copy_teacher_head(models)  # C_s starts as C; a completed mid stage loads its own afterwards
+        copy_teacher_parts(models)  # C_s, D_s start as C, D_t; completed mid / regen stages load their own afterwards
     done = read_done(model_dir, stage)
     done.pop(FINGERPRINT, None)  # the configuration, not a result
     return done
 
 
-def load_models(model_dir: str, stages=("target", "teacher", "mid")) -> MIDModels:
-    """Builds the networks recorded in run.json and loads the weights of the completed `stages`."""
+def load_models(model_dir: str, stages=("target", "teacher", "mid"), optional=("regen",)) -> MIDModels:
+    """Builds the networks recorded in run.json and loads the weights of the completed `stages`, then of
+    the `optional` stages that are completed (stage regen's D_s; without it D_s stays a copy of D_t)."""
     identity = read_run_identity(model_dir)
     models = build_models(identity["dataset"], width=identity.get("width", 1.0),
                           input_shape=identity.get("input_shape"),
@@ -257,4 +259,7 @@ def load_models(model_dir: str, stages=("target", "teacher", "mid")) -> MIDModel
             raise ArtifactError(f"stage '{stage}' has not completed in {model_dir}; run "
                                 f"`python train.py --model_dir={model_dir} --stages=...,{stage}` first")
         load_stage(model_dir, stage, models)
+    for stage in optional:
+        if stage not in stages and is_done(model_dir, stage):
+            load_stage(model_dir, stage, models)
     return models

@@ -11,8 +11,9 @@ import dataclasses
 
 from mid_tf.data.datasets import KNOWN_DATASETS
 
-# surrogate runs after mid: adding it to a run leaves every earlier stage's random draws as they were.
-KNOWN_STAGES = ("target", "teacher", "pgd_at", "trades", "mid", "surrogate", "eval")
+# surrogate runs after mid and regen after surrogate: adding either to a run leaves every earlier stage's
+# random draws as they were.
+KNOWN_STAGES = ("target", "teacher", "pgd_at", "trades", "mid", "surrogate", "regen", "eval")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16")
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -183,6 +184,28 @@ class BaselineConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RegenConfig:
+    """Stage regen: the regeneration decoder D_s fitted to the trained student (training/regen.py)."""
+    epochs: int = 3
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"
+    attack: str = "pgd10"       # crafted on the deployed C_s(E_s(.)) every step (registry name, graph-safe)
+    precision: str = "float32"  # training compute dtype; the saved D_s stays float32
+
+    def validate(self) -> None:
+        _check(self.epochs >= 0, "regen.epochs", f"must be >= 0, got {self.epochs}")
+        _check(self.batch_size > 0, "regen.batch_size", f"must be positive, got {self.batch_size}")
+        _check(self.learning_rate > 0, "regen.learning_rate", f"must be positive, got {self.learning_rate}")
+        _one_of(self.lr_schedule, LR_SCHEDULES, "regen.lr_schedule")
+        _one_of(self.precision, PRECISIONS, "regen.precision")
+        _attack_names((self.attack,), "regen.attack")
+        from mid_tf.attacks import get_spec
+        _check(get_spec(self.attack).graph_safe, "regen.attack",
+               f"must be a graph-safe attack (it runs inside the training step), got {self.attack!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model_dir: str
     data: DataConfig = DataConfig()
@@ -197,6 +220,7 @@ class RunConfig:
     eval_batch_size: int = 1000
     mid: MIDStageConfig = MIDStageConfig()
     baseline: BaselineConfig = BaselineConfig()
+    regen: RegenConfig = RegenConfig()
     strategy: str = "default"          # tf.distribute strategy
     eval_attacks: tuple = ("fgsm", "pgd40")      # eval stage: transfer attacks crafted on the target
     eval_whitebox_attacks: tuple = ("pgd40",)    # eval stage: attacks crafted on each model itself
@@ -219,6 +243,7 @@ class RunConfig:
         self.surrogate.validate("surrogate")
         self.mid.validate()
         self.baseline.validate()
+        self.regen.validate()
         _check(self.eval_slow_examples > 0, "eval_slow_examples", f"must be positive, got {self.eval_slow_examples}")
         _check(self.eval_workers >= 1, "eval_workers", f"must be at least 1, got {self.eval_workers}")
         _check(not self.eval_helper or tuple(self.stages) == ("eval",), "eval_helper",

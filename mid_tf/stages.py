@@ -7,6 +7,8 @@
   trades   baseline: the same architecture trained by TRADES (Zhang et al.)
   surrogate  a plain CNN (models/surrogate.py: another family than the target's) trained on clean data with
            the run's seed + 1000 (config.SURROGATE_SEED_OFFSET): the eval stage's transfer source MID never saw
+  regen    the regeneration decoder D_s fitted to the trained E_s on clean and attacked images (training/regen.py);
+           E_s and C_s stay as they are. The deployed regeneration is D_s(E_s(x)) (D_t(E_s(x)) without this stage)
   eval     robustness report: every model present, transfer and white-box attacks, known vs unknown
 A completed stage (`<model_dir>/<stage>/done.json`) is loaded, not retrained; an interrupted one
 resumes from its last step checkpoint. Every trained stage goes through one runner (`_run_stage`):
@@ -35,7 +37,8 @@ from mid_tf import artifacts
 from mid_tf.config import KNOWN_STAGES, ConfigError, RunConfig
 from mid_tf.attacks.registry import threat_model, threat_model_for
 from mid_tf.data import FOLDER_DATASETS, DataError, eval_dataset, load_split
-from mid_tf.models import MIDModels, build_autoencoder, build_models, build_pipeline, copy_teacher_head
+from mid_tf.models import (MIDModels, build_autoencoder, build_models, build_pipeline, build_regenerator,
+                           copy_teacher_parts)
 from mid_tf.training import distribute, metrics, precision, stage1
 
 class Context:
@@ -93,7 +96,7 @@ def _fit_teacher(ctx: Context) -> dict:
     cfg = ctx.cfg
     resumed = ctx.on_twin("teacher", cfg.teacher.precision,
                           lambda nets: stage1.train_teacher(nets, ctx.train_split, cfg.teacher, **ctx.fit_kwargs))
-    copy_teacher_head(ctx.models)  # C_s := C (the deployed head unless --train_head trains C_s)
+    copy_teacher_parts(ctx.models)  # C_s := C, D_s := D_t (until --train_head / stage regen train them)
     return {"epochs": cfg.teacher.epochs, "resumed_from_step": resumed, "precision": cfg.teacher.precision}
 
 
@@ -114,6 +117,21 @@ def _fit_mid(ctx: Context) -> dict:
         nets, ctx.train_split, mid, val_split=ctx.test_split, **ctx.fit_kwargs))
     return {"epochs": mid.epochs, "resumed_from_step": resumed, "pool": mid.pool, "train_head": mid.train_head,
             "attack_source": mid.attack_source, "meta_order": mid.meta_order, "precision": mid.precision}
+
+
+def _fit_regen(ctx: Context) -> dict:
+    from mid_tf.training import regen
+
+    r = ctx.cfg.regen
+    resumed = ctx.on_twin("regen", r.precision, lambda nets: regen.train_regenerator(
+        nets, ctx.train_split, r, **ctx.fit_kwargs))
+    return {"epochs": r.epochs, "attack": r.attack, "resumed_from_step": resumed, "precision": r.precision}
+
+
+def _score_regen(ctx: Context) -> dict:
+    m = ctx.models
+    rec = metrics.reconstruction_quality(build_regenerator(m.student_encoder, m.student_decoder), ctx.test_ds)
+    return {"regeneration_psnr_db": rec["psnr_db"], "regeneration_ssim": rec["ssim"]}
 
 
 def _fit_baseline(method: str):
@@ -148,6 +166,7 @@ STAGES = {
     "surrogate": Stage(_fit_surrogate, _clean_accuracy(lambda m: m.surrogate)),
     "mid": Stage(_fit_mid, _clean_accuracy(lambda m: build_pipeline(m.student_encoder, m.student_classifier)),
                  requires=("target", "teacher"), freeze=False),
+    "regen": Stage(_fit_regen, _score_regen, requires=("teacher", "mid")),
 }
 # The eval stage scores the others; it needs the models the report is about (the baselines and the surrogate
 # are used when done, not required).
@@ -155,7 +174,7 @@ EVAL_REQUIRES = ("target", "teacher", "mid")
 
 # The config section holding each trained stage's hyperparameters.
 SECTION = {"target": "target", "teacher": "teacher", "mid": "mid", "pgd_at": "baseline", "trades": "baseline",
-           "surrogate": "surrogate"}
+           "surrogate": "surrogate", "regen": "regen"}
 _RUN_FIELDS = ("data.dataset", "data.train_examples", "seed", "width")
 # The config fields a trained stage's weights depend on (fnmatch patterns; "!" excludes): its fingerprint,
 # with its `requires` stages' fingerprints merged in. Left out, as they change no weight: data paths,
@@ -169,6 +188,7 @@ FINGERPRINT_FIELDS = {
     "surrogate": _RUN_FIELDS + ("surrogate.*", "!surrogate.reconstruction_weight"),  # seed: its seed + 1000
     "mid": _RUN_FIELDS + ("mid.*", "!mid.val_examples", "!mid.val_attacks", "!mid.val_whitebox_attacks",
                           "!mid.log_every_steps", "!mid.attack_cache_overlap"),
+    "regen": _RUN_FIELDS + ("regen.*",),  # with the fingerprints of the teacher and mid it builds on
 }
 
 

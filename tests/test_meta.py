@@ -318,9 +318,9 @@ def test_flagfiles_parse():
     repo = os.path.dirname(HERE)
     cases = {("configs/mnist.flags",): "target,teacher,mid,eval",
              ("configs/mnist.flags", "configs/mnist_eval.flags"): "target,teacher,pgd_at,trades,mid,eval",
-             ("configs/mnist_whitebox.flags",): "target,teacher,mid,eval",
-             ("configs/mnist_whitebox_encoder.flags",): "target,teacher,mid,eval",
-             ("configs/mnist_whitebox_pixel.flags",): "target,teacher,mid,eval"}
+             ("configs/mnist_whitebox.flags",): "target,teacher,mid,regen,eval",
+             ("configs/mnist_whitebox_encoder.flags",): "target,teacher,mid,regen,eval",
+             ("configs/mnist_whitebox_pixel.flags",): "target,teacher,mid,regen,eval"}
     for flagfiles, stages in cases.items():
         argv = ", ".join(repr(f"--flagfile={f}") for f in flagfiles)
         proc = subprocess.run([sys.executable, "-c", (

@@ -92,7 +92,7 @@ def test_regeneration_is_measured_on_the_transfer_adversarials_and_shown(tiny, t
     assert report["regeneration"]["pgd40"]["psnr_db"] < report["regeneration"]["clean"]["psnr_db"] - 1.0
     assert 0 < report["regeneration"]["pgd40"]["ssim"] < report["regeneration"]["clean"]["ssim"]
     md = open(write_report(report, str(tmp_path))["md"]).read()
-    assert "Robust regeneration D_t(E_s(x~)) against x" in md
+    assert "Robust regeneration D_t(E_s(.)) against x" in md
     assert f"| pgd40 | {report['regeneration']['pgd40']['psnr_db']:.2f} |" in md, md
 
 

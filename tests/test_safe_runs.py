@@ -57,7 +57,8 @@ def test_fingerprint_fields_are_what_the_stage_depends_on():
     assert "baseline.trades_beta" in stages.fingerprint(cfg, "trades")
     assert "baseline.trades_beta" not in stages.fingerprint(cfg, "pgd_at")
     assert set(stages.FINGERPRINT_FIELDS) == set(stages.STAGES)
-    assert stages.dependents("target") == ("mid",) and stages.dependents("mid") == ()
+    assert stages.dependents("target") == ("mid", "regen") and stages.dependents("mid") == ("regen",)
+    assert stages.dependents("regen") == ()
 
 
 def test_changed_setting_of_a_done_stage_fails_before_training_and_names_the_fix(tmp_path, mnist_data_dir):

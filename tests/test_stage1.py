@@ -138,7 +138,9 @@ def test_load_models_requires_completed_stages(tmp_path):
                                          (["--meta_order=3"], "--meta_order must be one of 1, 2"),
                                          (["--attack_pool=clean,nonsense"], "--attack_pool"),
                                          (["--eval_attacks=fgsm,bogus"], "--eval_attacks has an attack"),
-                                         (["--stages=target,bogus"], "--stages has unknown stage")])
+                                         (["--stages=target,bogus"], "--stages has unknown stage"),
+                                         (["--regen_attack=bogus"], "--regen_attack has an attack"),
+                                         (["--regen_attack=autoattack"], "--regen_attack must be a graph-safe")])
 def test_cli_rejects_bad_flags(tmp_path, mnist_data_dir, args, needle):
     proc = subprocess.run([sys.executable, "train.py", "--flagfile=configs/mnist.flags",
                            f"--model_dir={tmp_path}", f"--data_dir={mnist_data_dir}", *args],

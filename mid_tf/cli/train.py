@@ -33,7 +33,8 @@ download                   data.download               Let TFDS download the dat
 dataset                    data.dataset                Dataset: mnist | fashion_mnist | cifar10 | svhn_cropped (TFDS
     names) | image_folder (--data_dir holds train/<class>/* and test/<class>/*, or train.tar and test.tar).
 stages                     stages                      Stages to run, in pipeline order: target, teacher, pgd_at,
-    trades, mid, surrogate (a plain CNN, seed + 1000: the eval stage's transfer source MID never saw), eval.
+    trades, mid, surrogate (a plain CNN, seed + 1000: the eval stage's transfer source MID never saw), regen (the
+    regeneration decoder D_s fitted to the trained student), eval.
 seed                       seed                        Random seed: weights, data order, attacks. Same seed, same run.
 train_examples             data.train_examples         Use only the first N training examples (default: all).
 eval_examples              data.eval_examples          Use only the first N test examples (default: all).
@@ -104,6 +105,11 @@ baseline_attack            baseline.attack             Inner attack of PGD-AT / 
 trades_beta                baseline.trades_beta        TRADES: weight of the KL robustness term.
 baseline_eps_warmup_epochs baseline.eps_warmup_epochs  PGD-AT / TRADES: the inner attack's eps (and step) ramp
     linearly from 0 over these epochs; 0: full eps from the first step (Madry's recipe; docs/training.md).
+regen_epochs               regen.epochs                Epochs of stage regen: the decoder D_s of the deployed
+    regeneration D_s(E_s(x)), fitted to the trained E_s (and C_s), which stay as they are.
+regen_lr                   regen.learning_rate         Adam learning rate of D_s (stage regen).
+regen_attack               regen.attack                Stage regen: attack crafted on C_s(E_s(.)) every step whose
+    images D_s learns to regenerate (with the clean ones); a graph-safe registry attack.
 eval_attacks               eval_attacks                Eval stage: transfer attacks crafted on the target (and, when
     stage surrogate is done, also on the surrogate: rows of a source MID never saw).
 eval_whitebox_attacks      eval_whitebox_attacks       Eval stage: white-box attacks, crafted on each evaluated model
@@ -121,7 +127,8 @@ SHARED = {"teacher.batch_size": "batch_size", "baseline.batch_size": "batch_size
           "teacher.lr_schedule": "lr_schedule", "baseline.lr_schedule": "lr_schedule",
           "teacher.precision": "stage1_precision", "surrogate.batch_size": "batch_size",
           "surrogate.lr_schedule": "lr_schedule", "surrogate.precision": "stage1_precision",
-          "teacher.augment": "augment", "baseline.augment": "augment", "surrogate.augment": "augment"}
+          "teacher.augment": "augment", "baseline.augment": "augment", "surrogate.augment": "augment",
+          "regen.batch_size": "mid_batch_size", "regen.lr_schedule": "lr_schedule", "regen.precision": "mid_precision"}
 # Fields given as absl comma lists (the other tuples are attack lists, strings: their specs hold commas).
 LISTS = ("mid.train_weights", "mid.test_weights", "eval_eps_sweep", "stages")
 
@@ -224,6 +231,8 @@ def build_config() -> config.RunConfig:
         epochs=F.baseline_epochs, batch_size=F.batch_size, learning_rate=F.baseline_lr, lr_schedule=F.lr_schedule,
         attack=F.baseline_attack, trades_beta=F.trades_beta, eps_warmup_epochs=F.baseline_eps_warmup_epochs,
         augment=F.augment)
+    regen = config.RegenConfig(epochs=F.regen_epochs, batch_size=mid.batch_size, learning_rate=F.regen_lr,
+                               lr_schedule=F.lr_schedule, attack=F.regen_attack, precision=mid.precision)
     return config.RunConfig(
         model_dir=F.model_dir, data=data, stages=tuple(s.strip() for s in F.stages if s.strip()), seed=F.seed,
         width=F.width, checkpoint_every=F.checkpoint_every, verbose=F.verbose,
@@ -231,7 +240,7 @@ def build_config() -> config.RunConfig:
         teacher=config.StageTrainConfig(epochs=F.teacher_epochs, learning_rate=F.teacher_lr,
                                         reconstruction_weight=F.reconstruction_weight, **common),
         surrogate=config.StageTrainConfig(epochs=F.surrogate_epochs, learning_rate=F.surrogate_lr, **common),
-        mid=mid, baseline=baseline, strategy=F.strategy, eval_attacks=_specs(F.eval_attacks),
+        mid=mid, baseline=baseline, regen=regen, strategy=F.strategy, eval_attacks=_specs(F.eval_attacks),
         eval_whitebox_attacks=_specs(F.eval_whitebox_attacks), eval_slow_examples=F.eval_slow_examples,
         eval_eps_sweep=_numbers("eval_eps_sweep", F.eval_eps_sweep), eval_workers=F.eval_workers,
         eval_helper=F.eval_helper)

@@ -29,7 +29,8 @@ class ReportInput:
     unseen_source     a further transfer source every `attacks` entry is also crafted on (None: none)
     whitebox_attacks  attacks crafted on each model itself (None: the same as `attacks`)
     pool              the MID training pool (names or the pool string's names): known vs unknown
-    regenerator       x -> D_t(E_s(x)) for the regeneration metrics and the image grids (optional)
+    regenerator       x -> D_t(E_s(x)) (or D_s(E_s(x)), stage regen) for the regeneration metrics and the image
+                      grids (optional); `regenerator_label` names it in the report
     slow_examples     images for the eager-only attacks (CW, SPSA, ART's)
     shard_examples    images per white-box piece (evaluation/pieces.py): the unit workers share and a stopped
                       evaluation keeps
@@ -47,6 +48,7 @@ class ReportInput:
     pool: Sequence[str] = ()
     target: str = "target"
     regenerator: Callable | None = None
+    regenerator_label: str = "D_t(E_s(.))"
     slow_examples: int = 1000
     shard_examples: int = 1000
     seed: int = 0

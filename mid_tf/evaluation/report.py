@@ -80,6 +80,7 @@ def _skeleton(bench: Workbench) -> dict:
               "whitebox": {}, "regeneration": {}, "eps_sweep": {}, "zero_gradient_fraction": {},
               "threat_model": registry.active_threat_model().describe()}
     if bench.regen_fn is not None:
+        report["regenerator"] = s.regenerator_label
         report["regeneration"]["clean"] = regeneration_quality(bench.regen_fn, x, x)
     if s.unseen_source is not None:
         report["transfer_unseen"] = {}

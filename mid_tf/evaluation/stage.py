@@ -63,6 +63,16 @@ def unseen_source(cfg: RunConfig, models: MIDModels) -> UnseenSource | None:
     return UnseenSource("surrogate", models.surrogate, f"surrogate CNN, seed+{SURROGATE_SEED_OFFSET}")
 
 
+def regenerator(cfg: RunConfig, models: MIDModels) -> tuple:
+    """(x -> D_s(E_s(x)), its label): D_s as stage regen fitted it when that stage is done in `cfg.model_dir`
+    (loaded from disk unless this run trained it), else D_t(E_s(x)), the paper's regeneration."""
+    if not artifacts.is_done(cfg.model_dir, "regen"):
+        return build_regenerator(models.student_encoder, models.decoder), "D_t(E_s(.))"
+    if "regen" not in cfg.stages:
+        artifacts.load_stage(cfg.model_dir, "regen", models)
+    return build_regenerator(models.student_encoder, models.student_decoder), "D_s(E_s(.)), D_s from stage regen"
+
+
 def _unseen_entry(report: dict) -> dict:
     """The summary's eval entry for the unseen source: its rows and what it is (nothing without one)."""
     if "transfer_unseen" not in report:
@@ -71,11 +81,12 @@ def _unseen_entry(report: dict) -> dict:
 
 
 def report_input(cfg: RunConfig, models: MIDModels, test_split) -> ReportInput:
+    regen, regen_label = regenerator(cfg, models)
     return ReportInput(
         models=evaluated_models(cfg, models), x=test_split.images, y=test_split.labels,
         attacks=list(cfg.eval_attacks), whitebox_attacks=list(cfg.eval_whitebox_attacks),
         unseen_source=unseen_source(cfg, models),
-        pool=pool_names(cfg.mid.pool), regenerator=build_regenerator(models.student_encoder, models.decoder),
+        pool=pool_names(cfg.mid.pool), regenerator=regen, regenerator_label=regen_label,
         slow_examples=cfg.eval_slow_examples, seed=cfg.seed, eps_sweep=cfg.eval_eps_sweep,
         dataset=cfg.data.dataset, config=cfg.to_json(),
         grid_attacks=tuple(base_name(a) for a in cfg.eval_attacks[:3]))

@@ -10,7 +10,8 @@ report.json schema (`SCHEMA`, checked by `validate_report`):
   (components: an AutoAttack's chain, art_suite.components),
   clean{model: acc}, transfer{attack: {model: acc}}, whitebox{attack: {model: acc}},
   summary{threat: {model: {known_mean, unknown_mean, worst, worst_attack}}},
-  regeneration{"clean"|attack: {psnr_db, ssim}}, eps_sweep{model: {eps: acc}},
+  regeneration{"clean"|attack: {psnr_db, ssim}} with regenerator (str, what regenerated: D_t(E_s(x)), or D_s
+  (E_s(x)) after stage regen; reports written before it existed mean D_t(E_s(x))), eps_sweep{model: {eps: acc}},
   zero_gradient_fraction{model: frac}, sanity[list of {flag, model, message, numbers}]
 Only when the transfer attacks were also crafted on a source MID never saw (stage surrogate):
   transfer_unseen{attack: {model: acc}}, unseen_source{name, label, clean, accuracy{attack: acc}} (the
@@ -139,8 +140,8 @@ def format_markdown(report: dict) -> str:
     if chains:
         lines += [""] + [f"`{a}` = {c}." for a, c in chains.items()]
     if report["regeneration"]:
-        lines += ["", "## Robust regeneration D_t(E_s(x~)) against x", "", "| input | PSNR dB | SSIM |",
-                  "|---|---:|---:|"]
+        lines += ["", f"## Robust regeneration {report.get('regenerator', 'D_t(E_s(.))')} against x", "",
+                  "| input | PSNR dB | SSIM |", "|---|---:|---:|"]
         lines += [f"| {a} | {r['psnr_db']:.2f} | {r['ssim']:.4f} |" for a, r in report["regeneration"].items()]
     if report["eps_sweep"]:
         eps = sorted({e for sw in report["eps_sweep"].values() for e in sw}, key=float)
@@ -246,7 +247,7 @@ def format_console(report: dict) -> str:
     if report.get("transfer_unseen"):
         lines.append(f"  unseen: crafted on {report['unseen_source']['label']}, a source MID never saw")
     if "clean" in report["regeneration"]:
-        lines.append(f"  regeneration PSNR D_t(E_s(x)): {report['regeneration']['clean']['psnr_db']:.2f} dB")
+        lines.append(f"  regeneration PSNR {report.get('regenerator', 'D_t(E_s(.))')}: {report['regeneration']['clean']['psnr_db']:.2f} dB")
     for f in report["sanity"]:
         lines.append(f"  WARNING {f['flag']} ({f['model']}): {f['message']}")
     return "\n".join(lines)

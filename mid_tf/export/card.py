@@ -158,7 +158,8 @@ def build_card(model_dir: str, *, allow_unevaluated: bool = False) -> dict:
 def unevaluated_card(dataset: str | None) -> dict:
     """A card with no evaluation: for `allow_unevaluated` exports, and models exported without a model_dir."""
     return {"schema": SCHEMA, "model": "MID classifier C_s(E_s(x)): the meta-trained student encoder and its "
-            "classifier head (regenerator D_t(E_s(x)) in the 'regenerate' signature)",
+            "classifier head (regenerator D_s(E_s(x)) in the 'regenerate' signature: D_s = D_t unless stage regen "
+            "fitted it)",
             "deployed_model": DEPLOYED_MODEL, "dataset": dataset,
             "class_names": _class_names(dataset), "source": {"model_dir": None, **source_commit()},
             "config": "unknown", "evaluation": {"status": NOT_EVALUATED}, "threat_model": {"status": NOT_EVALUATED}}

@@ -6,7 +6,8 @@ signatures over the same weights, and errors that say what was wrong with the re
 
   serving_default   image float32 [batch, H, W, C] in [0, 1] -> logits, probabilities, classes (int64),
                                                                 class_names (string: the class's name)
-  regenerate        image                                    -> image  (D_t(E_s(x)), clipped to [0, 1])
+  regenerate        image                                    -> image  (D_s(E_s(x)), clipped to [0, 1]; D_s = D_t
+                                                                      unless stage regen fitted it)
   classify_encoded  image_bytes string [batch] (PNG/JPEG)    -> logits, probabilities, classes, class_names
 
 The `image` input is declared [-1, -1, -1, -1] on purpose: a wrong height, width or channel count then
@@ -97,10 +98,10 @@ class MIDServingModule(tf.Module):
 
 
 def build_serving_module(models, limits: ServingLimits | None = None, class_names=None) -> MIDServingModule:
-    """The deployed MID model: C(E_s(x)) for classification, D_t(E_s(x)) for regeneration; `class_names`
+    """The deployed MID model: C_s(E_s(x)) for classification, D_s(E_s(x)) for regeneration; `class_names`
     (label order; default "0", "1", ...) become the `class_names` output."""
     return MIDServingModule(build_pipeline(models.student_encoder, models.student_classifier, name="mid_pipeline"),
-                            build_regenerator(models.student_encoder, models.decoder, name="mid_regenerator"),
+                            build_regenerator(models.student_encoder, models.student_decoder, name="mid_regenerator"),
                             models.input_shape, models.num_classes, limits, class_names)
 
 

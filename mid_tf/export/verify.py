@@ -58,7 +58,7 @@ def verify_export(path: str, models, num_images: int = 8, seed: int = 0, timeout
     pngs = [warmup_lib.png_bytes(img) for img in images]
     offsets = np.cumsum([0] + [len(p) for p in pngs])
     pipeline = build_pipeline(models.student_encoder, models.student_classifier)
-    regenerator = build_regenerator(models.student_encoder, models.decoder)
+    regenerator = build_regenerator(models.student_encoder, models.student_decoder)
     # The reference runs the ops the export traced (stock kernels, see `export`): this checks what
     # serialization kept. The compiled kernels agree with them to float32 round-off (tests/test_fast_ops.py),
     # but the decoder's max-unpooling switches are discontinuous: a ReLU output of ~1e-7 against an exact 0

@@ -5,7 +5,8 @@ decoder D_t and classifier head C, the student encoder E_s (E_t's architecture, 
 init as in the official code) and the student head C_s (C's architecture, a copy of C's weights: it
 stays equal to C unless MID trains it, --train_head; the deployed pipeline is C_s(E_s(.))), the
 adversarial-training baselines, and the surrogate (models/surrogate.py: a plain CNN of another family,
-the transfer source MID never saw; its initial weights come from `surrogate_seed` alone). Composition helpers:
+the transfer source MID never saw; its initial weights come from `surrogate_seed` alone), and the student decoder
+D_s (D_t's architecture and weights until stage regen trains it: training/regen.py). Composition helpers:
   build_pipeline(E, C)        x -> C(E(x)) logits        (the deployed classifier when E = E_s)
   build_regenerator(E, D)     x -> D(E(x)) image         (robust regeneration when E = E_s)
   build_autoencoder(E, D, C)  x -> {logits, reconstruction}   (stage-1 teacher training)
@@ -14,9 +15,12 @@ The decoder always decodes with the indices of the encoder it is composed with.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import random
 
 import keras
+import numpy as np
 
 from mid_tf.models import lenet, resnet
 from mid_tf.models.surrogate import build_surrogate
@@ -45,6 +49,8 @@ class MIDModels:
     trades: keras.Model | None = None
     # Stage surrogate: a plain CNN (another family than the target's), a transfer source MID never saw.
     surrogate: keras.Model | None = None
+    # D_s, the deployed regeneration decoder D_s(E_s(x)): a copy of D_t until stage regen trains it.
+    student_decoder: keras.Model | None = None
 
 
 def family_for(dataset: str, input_shape=None, num_classes=None):
@@ -87,14 +93,31 @@ def build_models(dataset: str = "mnist", width: float = 1.0, student_width: floa
         trades=module.build_target(shape, classes, width=width, name="trades"),
         surrogate=build_surrogate(shape, classes, width=width, seed=surrogate_seed, name="surrogate"),
     )
-    copy_teacher_head(models)
+    with _global_draws_kept():  # D_s's initial weights are overwritten below: they must not shift later draws
+        models.student_decoder = module.build_decoder(shape, width=width, name="student_decoder")
+    copy_teacher_parts(models)
     return models
 
 
-def copy_teacher_head(models: MIDModels) -> None:
-    """C_s := C. Called when C is built, trained or loaded: until MID trains C_s (--train_head) the
-    deployed C_s(E_s(.)) is the paper's C(E_s(.))."""
+@contextlib.contextmanager
+def _global_draws_kept():
+    """Restores Python's and NumPy's global random state on exit (Keras draws unseeded initializers' seeds
+    from Python's), so a network built inside leaves every later random draw of the run as it was."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def copy_teacher_parts(models: MIDModels) -> None:
+    """C_s := C and D_s := D_t. Called when the teacher is built, trained or loaded: until MID trains C_s
+    (--train_head) the deployed C_s(E_s(.)) is the paper's C(E_s(.)), and until stage regen trains D_s the
+    deployed regeneration D_s(E_s(.)) is the paper's D_t(E_s(.))."""
     models.student_classifier.set_weights(models.classifier.get_weights())
+    if models.student_decoder is not None:
+        models.student_decoder.set_weights(models.decoder.get_weights())
 
 
 def encode(encoder: keras.Model, x, training: bool = False):
