@@ -44,6 +44,14 @@ def _one_of(value, choices, field: str) -> None:
     _check(value in choices, field, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
+def _optimiser(cfg, prefix: str) -> None:
+    """The fields every training stage shares: epochs, batch_size, learning_rate, lr_schedule."""
+    _check(cfg.epochs >= 0, f"{prefix}.epochs", f"must be >= 0, got {cfg.epochs}")
+    _check(cfg.batch_size > 0, f"{prefix}.batch_size", f"must be positive, got {cfg.batch_size}")
+    _check(cfg.learning_rate > 0, f"{prefix}.learning_rate", f"must be positive, got {cfg.learning_rate}")
+    _one_of(cfg.lr_schedule, LR_SCHEDULES, f"{prefix}.lr_schedule")
+
+
 def _attack_names(specs, field: str) -> None:
     """Every entry is a registry attack (name or name:key=value,...)."""
     if not specs:
@@ -92,12 +100,9 @@ class StageTrainConfig:
     augment: bool = False               # random crops (pad 4) and flips (data/pipeline.py; natural images)
 
     def validate(self, stage: str) -> None:
-        _check(self.epochs >= 0, f"{stage}.epochs", f"must be >= 0, got {self.epochs}")
-        _check(self.batch_size > 0, f"{stage}.batch_size", f"must be positive, got {self.batch_size}")
-        _check(self.learning_rate > 0, f"{stage}.learning_rate", f"must be positive, got {self.learning_rate}")
+        _optimiser(self, stage)
         _check(self.reconstruction_weight >= 0, f"{stage}.reconstruction_weight",
                f"must be >= 0, got {self.reconstruction_weight}")
-        _one_of(self.lr_schedule, LR_SCHEDULES, f"{stage}.lr_schedule")
         _one_of(self.precision, PRECISIONS, f"{stage}.precision")
 
 
@@ -134,15 +139,12 @@ class MIDStageConfig:
     precision: str = "float32"           # training compute dtype (training/precision.py)
 
     def validate(self) -> None:
-        _check(self.epochs >= 0, "mid.epochs", f"must be >= 0, got {self.epochs}")
-        _check(self.batch_size > 0, "mid.batch_size", f"must be positive, got {self.batch_size}")
-        _check(self.learning_rate > 0, "mid.learning_rate", f"must be positive, got {self.learning_rate}")
+        _optimiser(self, "mid")
         _check(0 <= self.lr_final_fraction <= 1, "mid.lr_final_fraction", f"must be in [0, 1], got {self.lr_final_fraction}")
         _check(self.steps_per_epoch is None or self.steps_per_epoch > 0, "mid.steps_per_epoch",
                f"must be positive (or unset), got {self.steps_per_epoch}")
         _check(self.num_meta_train is None or self.num_meta_train > 0, "mid.num_meta_train",
                f"must be positive (or unset), got {self.num_meta_train}")
-        _one_of(self.lr_schedule, LR_SCHEDULES, "mid.lr_schedule")
         _one_of(self.meta_order, (1, 2), "mid.meta_order")
         _one_of(self.attack_source, ATTACK_SOURCES, "mid.attack_source")
         _one_of(self.kl_reduction, KL_REDUCTIONS, "mid.kl_reduction")
@@ -174,12 +176,9 @@ class BaselineConfig:
     augment: bool = False           # random crops and flips, as the target's
 
     def validate(self) -> None:
-        _check(self.epochs >= 0, "baseline.epochs", f"must be >= 0, got {self.epochs}")
-        _check(self.batch_size > 0, "baseline.batch_size", f"must be positive, got {self.batch_size}")
-        _check(self.learning_rate > 0, "baseline.learning_rate", f"must be positive, got {self.learning_rate}")
+        _optimiser(self, "baseline")
         _check(self.trades_beta >= 0, "baseline.trades_beta", f"must be >= 0, got {self.trades_beta}")
         _check(self.eps_warmup_epochs >= 0, "baseline.eps_warmup_epochs", f"must be >= 0, got {self.eps_warmup_epochs}")
-        _one_of(self.lr_schedule, LR_SCHEDULES, "baseline.lr_schedule")
         _attack_names((self.attack,), "baseline.attack")
 
 
@@ -194,10 +193,7 @@ class RegenConfig:
     precision: str = "float32"  # training compute dtype; the saved D_s stays float32
 
     def validate(self) -> None:
-        _check(self.epochs >= 0, "regen.epochs", f"must be >= 0, got {self.epochs}")
-        _check(self.batch_size > 0, "regen.batch_size", f"must be positive, got {self.batch_size}")
-        _check(self.learning_rate > 0, "regen.learning_rate", f"must be positive, got {self.learning_rate}")
-        _one_of(self.lr_schedule, LR_SCHEDULES, "regen.lr_schedule")
+        _optimiser(self, "regen")
         _one_of(self.precision, PRECISIONS, "regen.precision")
         _attack_names((self.attack,), "regen.attack")
         from mid_tf.attacks import get_spec
