@@ -174,9 +174,11 @@ class BaselineConfig:
     trades_beta: float = 6.0       # TRADES robustness weight (Zhang et al. 2019 on MNIST)
     eps_warmup_epochs: float = 2.0  # eps ramps linearly from 0 to the attack's eps (training/baselines.py says why)
     augment: bool = False           # random crops and flips, as the target's
+    precision: str = "float32"      # training compute dtype; the saved network stays float32
 
     def validate(self) -> None:
         _optimiser(self, "baseline")
+        _one_of(self.precision, PRECISIONS, "baseline.precision")
         _check(self.trades_beta >= 0, "baseline.trades_beta", f"must be >= 0, got {self.trades_beta}")
         _check(self.eps_warmup_epochs >= 0, "baseline.eps_warmup_epochs", f"must be >= 0, got {self.eps_warmup_epochs}")
         _attack_names((self.attack,), "baseline.attack")

@@ -139,8 +139,9 @@ def _fit_baseline(method: str):
         from mid_tf.training import baselines
 
         b = ctx.cfg.baseline
-        resumed = baselines.train_baseline(ctx.models, ctx.train_split, b, method, **ctx.fit_kwargs)
-        return {"epochs": b.epochs, "attack": b.attack, "resumed_from_step": resumed,
+        resumed = ctx.on_twin(method, b.precision, lambda nets: baselines.train_baseline(
+            nets, ctx.train_split, b, method, **ctx.fit_kwargs))
+        return {"epochs": b.epochs, "attack": b.attack, "resumed_from_step": resumed, "precision": b.precision,
                 **({"trades_beta": b.trades_beta} if method == "trades" else {})}
     return fit
 

@@ -84,3 +84,27 @@ def test_baseline_stages_run_from_the_pipeline(tmp_path, mnist_data_dir):
         assert 0.0 <= done["clean_accuracy"] <= 1.0
         assert os.path.exists(os.path.join(tmp_path, method, f"{method}.weights.h5"))
         assert summary["stages"][method]["epochs"] == 1
+
+
+def test_trades_stage_in_mixed_bfloat16_lands_in_the_float32_network(tmp_path, mnist_data_dir):
+    """--baseline_precision=mixed_bfloat16: TRADES trains a bfloat16 twin; its weights land in the float32
+    network that is saved, pgd_at (not run) keeps its initial weights, and the global policy is restored."""
+    from mid_tf import artifacts, stages
+    from mid_tf.config import BaselineConfig, ConfigError, DataConfig, RunConfig
+
+    cfg = RunConfig(model_dir=str(tmp_path), data=DataConfig(data_dir=mnist_data_dir, train_examples=256,
+                                                             eval_examples=200),
+                    stages=("trades",), width=0.25, verbose=0,
+                    baseline=BaselineConfig(epochs=1, batch_size=128, attack="pgd40:nb_iter=2,eps_iter=0.15",
+                                            precision="mixed_bfloat16"))
+    summary = stages.run(cfg)
+    assert keras.config.dtype_policy().name == "float32"
+    assert summary["stages"]["trades"]["precision"] == "mixed_bfloat16"
+    assert 0.0 <= summary["stages"]["trades"]["clean_accuracy"] <= 1.0
+    trained = artifacts.load_models(cfg.model_dir, ("trades",)).trades
+    assert trained.compute_dtype == "float32" and all(w.dtype == np.float32 for w in trained.get_weights())
+    keras.utils.set_random_seed(cfg.seed)  # as stages.run: rebuilds the initial weights
+    initial = build_models("mnist", width=0.25).trades.get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(trained.get_weights(), initial))  # bf16 training reached it
+    with pytest.raises(ConfigError, match=r"^baseline\.precision "):
+        BaselineConfig(precision="float16").validate()

@@ -105,6 +105,8 @@ baseline_attack            baseline.attack             Inner attack of PGD-AT / 
 trades_beta                baseline.trades_beta        TRADES: weight of the KL robustness term.
 baseline_eps_warmup_epochs baseline.eps_warmup_epochs  PGD-AT / TRADES: the inner attack's eps (and step) ramp
     linearly from 0 over these epochs; 0: full eps from the first step (Madry's recipe; docs/training.md).
+baseline_precision         baseline.precision          Compute dtype of PGD-AT / TRADES training: auto | float32 |
+    mixed_bfloat16 (as --mid_precision; to compare them with MID at equal training time on one CPU).
 regen_epochs               regen.epochs                Epochs of stage regen: the decoder D_s of the deployed
     regeneration D_s(E_s(x)), fitted to the trained E_s (and C_s), which stay as they are.
 regen_lr                   regen.learning_rate         Adam learning rate of D_s (stage regen).
@@ -230,7 +232,7 @@ def build_config() -> config.RunConfig:
     baseline = config.BaselineConfig(
         epochs=F.baseline_epochs, batch_size=F.batch_size, learning_rate=F.baseline_lr, lr_schedule=F.lr_schedule,
         attack=F.baseline_attack, trades_beta=F.trades_beta, eps_warmup_epochs=F.baseline_eps_warmup_epochs,
-        augment=F.augment)
+        augment=F.augment, precision=_precision("baseline_precision"))
     regen = config.RegenConfig(epochs=F.regen_epochs, batch_size=mid.batch_size, learning_rate=F.regen_lr,
                                lr_schedule=F.lr_schedule, attack=F.regen_attack, precision=mid.precision)
     return config.RunConfig(

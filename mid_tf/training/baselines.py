@@ -34,7 +34,8 @@ BASELINES = ("pgd_at", "trades")
 
 def _kl_rows(p_logits, q_logits):
     """Per-example KL(softmax p ‖ softmax q)."""
-    log_p, log_q = tf.nn.log_softmax(p_logits), tf.nn.log_softmax(q_logits)
+    log_p = tf.nn.log_softmax(tf.cast(p_logits, tf.float32))
+    log_q = tf.nn.log_softmax(tf.cast(q_logits, tf.float32))
     return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
 
 
@@ -105,11 +106,11 @@ class AdversarialTraining(keras.Model):
         seed = fold(tf.constant([self.seed, 17], tf.int64), tf.cast(self.optimizer.iterations, tf.int64))
         x_adv = self.adversary(x, y, tf.cast(self.optimizer.iterations, tf.int64), seed)
         with tf.GradientTape() as tape:
-            adv_logits = self.net(x_adv, training=True)
+            adv_logits = tf.cast(self.net(x_adv, training=True), tf.float32)  # losses in float32 (mixed precision)
             if self.method == "pgd_at":
                 loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, adv_logits))
             else:
-                clean_logits = self.net(x, training=True)
+                clean_logits = tf.cast(self.net(x, training=True), tf.float32)
                 loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, clean_logits)
                                       + self.trades_beta * _kl_rows(clean_logits, adv_logits))
             scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync

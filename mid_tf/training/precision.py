@@ -76,7 +76,7 @@ def mixed_twin(models: MIDModels, dataset: str, width: float, precision: str) ->
         twin = build_models(dataset, width=width, input_shape=models.input_shape,
                             num_classes=models.num_classes)
     for name in ("target", "teacher_encoder", "decoder", "classifier", "student_encoder", "student_classifier",
-                 "surrogate", "student_decoder"):
+                 "surrogate", "student_decoder", "pgd_at", "trades"):
         getattr(twin, name).set_weights(getattr(models, name).get_weights())
     return twin
 
