@@ -17,9 +17,12 @@ import math
 
 from mid_tf.evaluation.writers import threats_of
 
-# Configuration keys that may differ between the seeds of one recipe (dotted: nested keys).
+# Configuration keys that may differ between the seeds of one recipe (dotted: nested keys). `stages` lists what
+# one command ran (a model_dir continued by a later command, e.g. `--stages=regen,eval`, lists only those); every
+# stage's own settings are still compared, and so are the models and rows of the reports.
 VARYING = frozenset({"seed", "model_dir", "data.data_dir", "verbose", "eval_workers", "eval_helper",
-                     "checkpoint_every"})
+                     "checkpoint_every", "stages"})
+DEFAULT_REGENERATOR = "D_t(E_s(.))"  # what reports from before stage regen regenerated with
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -71,13 +74,14 @@ def aggregate(reports: list[dict], names: list[str] | None = None) -> dict:
                     raise ValueError(f"{names[values.index(None)]}: no {threat} {attack} row for {model}")
                 rows.append({"threat": threat, "attack": attack, "model": model, **_stats(values)})
     regen = []
-    for inputs in first["regeneration"]:
+    regenerators = {r.get("regenerator", DEFAULT_REGENERATOR) for r in reports}
+    for inputs in first["regeneration"] if len(regenerators) == 1 else ():  # D_t and D_s figures never mix
         for metric in ("psnr_db", "ssim"):
             values = [r["regeneration"].get(inputs, {}).get(metric) for r in reports]
             if all(v is not None for v in values):
                 regen.append({"inputs": inputs, "metric": metric, **_stats(values)})
     return {"seeds": [r["seed"] for r in reports], "dataset": first["dataset"], "examples": first["examples"],
-            "attacks": first["attacks"], "rows": rows, "regeneration": regen}
+            "attacks": first["attacks"], "rows": rows, "regeneration": regen, "regenerators": sorted(regenerators)}
 
 
 def _fmt(stats: dict, scale: float, digits: int) -> str:
@@ -95,8 +99,11 @@ def format_markdown(table: dict) -> str:
     for row in table["rows"]:
         lines.append(f"| {row['threat']} | {row['attack']} | {row['model']} | {_fmt(row, 100, 2)} | "
                      + " | ".join(f"{v * 100:.2f}" for v in row["values"]) + " |")
+    regenerators = table.get("regenerators", [DEFAULT_REGENERATOR])
+    if len(regenerators) > 1:
+        lines += ["", f"Regeneration: left out, the seeds regenerated with different decoders ({'; '.join(regenerators)})."]
     if table["regeneration"]:
-        lines += ["", "Regeneration D_t(E_s(x)) against x:", "",
+        lines += ["", f"Regeneration {regenerators[0]} against x:", "",
                   "| inputs | metric | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
                   "|---|---|---:|" + "---:|" * len(seeds)]
         for row in table["regeneration"]:
