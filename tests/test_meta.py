@@ -320,7 +320,9 @@ def test_flagfiles_parse():
              ("configs/mnist.flags", "configs/mnist_eval.flags"): "target,teacher,pgd_at,trades,mid,eval",
              ("configs/mnist_whitebox.flags",): "target,teacher,mid,regen,eval",
              ("configs/mnist_whitebox_encoder.flags",): "target,teacher,mid,regen,eval",
-             ("configs/mnist_whitebox_pixel.flags",): "target,teacher,mid,regen,eval"}
+             ("configs/mnist_whitebox_pixel.flags",): "target,teacher,mid,regen,eval",
+             ("configs/mnist_whitebox.flags", "configs/mnist_headline_eval.flags", "configs/mnist_whitebox_trades.flags"):
+                 "target,teacher,mid,regen,trades,eval"}
     for flagfiles, stages in cases.items():
         argv = ", ".join(repr(f"--flagfile={f}") for f in flagfiles)
         proc = subprocess.run([sys.executable, "-c", (
@@ -330,7 +332,8 @@ def test_flagfiles_parse():
             "'BATCH', cfg.mid.batch_size, cfg.mid.num_meta_train, 'OVERLAP', cfg.mid.attack_cache_overlap, "
             "'PRECISION', cfg.target.precision, cfg.teacher.precision, cfg.mid.precision, "
             "'WARMUP', cfg.mid.eps_warmup_epochs, 'HEAD', cfg.mid.train_head, 'DIR', cfg.model_dir, "
-            "'PIXEL', cfg.mid.pixel_weight)" % argv)],
+            "'PIXEL', cfg.mid.pixel_weight, 'BASELINE', cfg.baseline.attack, cfg.baseline.epochs, cfg.baseline.precision)"
+            % argv)],
             cwd=repo, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"STAGES {stages}" in proc.stdout, proc.stdout
@@ -349,6 +352,8 @@ def test_flagfiles_parse():
         auto = resolve("auto")[0]
         assert f"PRECISION {auto} {auto} {auto}" in proc.stdout, proc.stdout
         assert "--mid_precision=auto -> " + auto in proc.stdout, proc.stdout
+        if "configs/mnist_whitebox_trades.flags" in flagfiles:  # TRADES at MID's time: its own attack, epochs, dtype
+            assert f"BASELINE pgd20 30 {auto}" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("flagfile, expected", [
