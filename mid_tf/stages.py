@@ -169,9 +169,11 @@ STAGES = {
                  requires=("target", "teacher"), freeze=False),
     "regen": Stage(_fit_regen, _score_regen, requires=("teacher", "mid")),
 }
-# The eval stage scores the others; it needs the models the report is about (the baselines and the surrogate
-# are used when done, not required).
-EVAL_REQUIRES = ("target", "teacher", "mid")
+# The eval stage scores the others. It needs the target (the transfer attacks' source); the MID pipeline
+# (teacher + mid), the baselines and the surrogate are scored when done, not required: a model_dir holding only
+# a baseline is evaluated on its own, and its rows set beside MID's from another run of the same seed and images.
+EVAL_REQUIRES = ("target",)
+EVAL_LOADS = ("teacher", "mid")
 
 # The config section holding each trained stage's hyperparameters.
 SECTION = {"target": "target", "teacher": "teacher", "mid": "mid", "pgd_at": "baseline", "trades": "baseline",
@@ -264,6 +266,12 @@ def _requires(stage: str) -> tuple:
     return EVAL_REQUIRES if stage == "eval" else STAGES[stage].requires
 
 
+def _loads(cfg: RunConfig, stage: str) -> tuple:
+    """The stages `stage` runs after: its requirements, and for eval the MID stages when they are done."""
+    extra = tuple(s for s in EVAL_LOADS if artifacts.is_done(cfg.model_dir, s)) if stage == "eval" else ()
+    return _requires(stage) + extra
+
+
 def _check_dependencies(cfg: RunConfig, discard=()) -> None:
     for stage in cfg.stages:
         for dep in _requires(stage):
@@ -313,7 +321,7 @@ def _run_stages(cfg: RunConfig, ctx: Context) -> dict:
         if cfg.verbose:
             print(f"== stage {stage} ==", flush=True)
         # Dependencies completed earlier are loaded so this stage can use them.
-        for dep in _requires(stage):
+        for dep in _loads(cfg, stage):
             if dep not in results:
                 results[dep] = _run_stage(ctx, dep)
         results[stage] = _run_stage(ctx, stage)

@@ -108,3 +108,22 @@ def test_trades_stage_in_mixed_bfloat16_lands_in_the_float32_network(tmp_path, m
     assert any(not np.array_equal(a, b) for a, b in zip(trained.get_weights(), initial))  # bf16 training reached it
     with pytest.raises(ConfigError, match=r"^baseline\.precision "):
         BaselineConfig(precision="float16").validate()
+
+
+def test_a_model_dir_with_a_baseline_and_no_mid_is_evaluated_on_its_own(tmp_path, mnist_data_dir):
+    """Stages target, trades, eval: the report scores the target and TRADES, no MID pipeline and no
+    regeneration (MID's rows come from another run of the same seed and images)."""
+    from mid_tf import stages
+    from mid_tf.config import BaselineConfig, DataConfig, RunConfig, StageTrainConfig
+
+    cfg = RunConfig(model_dir=str(tmp_path), data=DataConfig(data_dir=mnist_data_dir, train_examples=256,
+                                                             eval_examples=64),
+                    stages=("target", "trades", "eval"), width=0.25, verbose=0,
+                    target=StageTrainConfig(epochs=0, batch_size=64),
+                    baseline=BaselineConfig(epochs=1, batch_size=128, attack="pgd40:nb_iter=2,eps_iter=0.15"),
+                    eval_attacks=("fgsm",), eval_whitebox_attacks=("fgsm",), eval_eps_sweep=())
+    summary = stages.run(cfg)
+    report = json.load(open(os.path.join(tmp_path, "eval", "report.json")))
+    assert report["models"] == ["target", "trades"]
+    assert set(report["whitebox"]["fgsm"]) == {"target", "trades"} and report["regeneration"] == {}
+    assert not os.path.exists(os.path.join(tmp_path, "mid")) and "mid" not in summary["stages"]

@@ -268,6 +268,9 @@ def test_model_card_falls_back_to_the_summary_and_refuses_unevaluated_runs(train
     (run / "eval" / "report.json").write_text(json.dumps(dict(REPORT, dataset="cifar10")))
     with pytest.raises(ExportError, match="belongs to another run"):
         build_card(str(run))
+    (run / "eval" / "report.json").write_text(json.dumps(dict(REPORT, models=["target", "trades"])))
+    with pytest.raises(ExportError, match=r"not the MID pipeline.*rerun the eval stage \(--stages=eval\)"):
+        build_card(str(run))
     (run / "eval" / "report.json").write_text(json.dumps({"clean": []}))
     with pytest.raises(ExportError, match="not an eval report"):
         build_card(str(run))

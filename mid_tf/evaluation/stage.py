@@ -1,7 +1,7 @@
 """The eval stage: the robustness report over every model a model_dir has, written and printed.
 
-The models: the undefended target, the MID pipeline (E_s, C_s) and every completed baseline (PGD-AT,
-TRADES). When stage surrogate is done, every transfer attack is also crafted on the surrogate (a plain CNN,
+The models: the undefended target, and the MID pipeline (E_s, C_s) and every baseline (PGD-AT, TRADES) that
+is completed. When stage surrogate is done, every transfer attack is also crafted on the surrogate (a plain CNN,
 seed + 1000, that took no part in training) and scored on every model: the report's transfer_unseen rows.
 The report's pieces are kept in `<model_dir>/eval/memo.json`, so a killed evaluation resumes; with
 `eval_workers > 1` helper processes share them (evaluation/scheduler.py). Outputs: `<model_dir>/eval/`
@@ -41,10 +41,11 @@ def evaluate(cfg: RunConfig, models: MIDModels, test_split) -> dict:
 
 
 def evaluated_models(cfg: RunConfig, models: MIDModels) -> dict:
-    """name -> network: the target, the MID pipeline and each baseline completed in `cfg.model_dir`
-    (loaded from disk unless this run trained it)."""
-    nets = {"target": models.target,
-            "mid": build_pipeline(models.student_encoder, models.student_classifier, name="mid")}
+    """name -> network: the target, and the MID pipeline and each baseline completed in `cfg.model_dir`
+    (stages.run loads MID's stages before this one; the baselines are loaded here unless this run trained them)."""
+    nets = {"target": models.target}
+    if artifacts.is_done(cfg.model_dir, "mid"):
+        nets["mid"] = build_pipeline(models.student_encoder, models.student_classifier, name="mid")
     for baseline in BASELINES:
         if artifacts.is_done(cfg.model_dir, baseline):
             if baseline not in cfg.stages:
@@ -65,7 +66,10 @@ def unseen_source(cfg: RunConfig, models: MIDModels) -> UnseenSource | None:
 
 def regenerator(cfg: RunConfig, models: MIDModels) -> tuple:
     """(x -> D_s(E_s(x)), its label): D_s as stage regen fitted it when that stage is done in `cfg.model_dir`
-    (loaded from disk unless this run trained it), else D_t(E_s(x)), the paper's regeneration."""
+    (loaded from disk unless this run trained it), else D_t(E_s(x)), the paper's regeneration; (None, None)
+    without a MID student."""
+    if not artifacts.is_done(cfg.model_dir, "mid"):
+        return None, None
     if not artifacts.is_done(cfg.model_dir, "regen"):
         return build_regenerator(models.student_encoder, models.decoder), "D_t(E_s(.))"
     if "regen" not in cfg.stages:

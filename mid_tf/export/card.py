@@ -122,6 +122,9 @@ def find_evaluation(model_dir: str, summary: dict, dataset: str) -> tuple[dict, 
         if report.get("dataset", dataset) != dataset:
             raise ExportError(f"{path} evaluates dataset '{report['dataset']}', but the run trained on "
                               f"'{dataset}': it belongs to another run; rerun the eval stage")
+        if "mid" not in report["models"]:
+            raise ExportError(f"{path} scores {report['models']} but not the MID pipeline (the eval stage ran "
+                              "before stage mid was done): rerun the eval stage (--stages=eval)")
         return _from_report(report, "eval/report.json")
     stages, config = summary.get("stages"), summary.get("config")
     stage = stages.get("eval") if isinstance(stages, dict) else None
