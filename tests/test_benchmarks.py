@@ -77,3 +77,27 @@ def test_row_cache_benchmark_compares_cache_off_and_on():
     bad = subprocess.run([sys.executable, "benchmarks/row_cache.py", "--attacks", "fgsm"], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "error: --attacks: only ART's attacks" in bad.stderr + bad.stdout
+
+
+def test_time_match_prints_the_baseline_epochs_that_take_mids_time(mnist_data_dir):
+    """Both stages' own training code runs (tiny batches); the epochs it prints follow from the step times it
+    prints; too many steps for the split is a one-line error with status 2."""
+    import re
+
+    args = [sys.executable, "benchmarks/time_match.py", "--flagfile=configs/mnist_whitebox.flags",
+            "--flagfile=configs/mnist_whitebox_trades.flags", f"--data_dir={mnist_data_dir}", "--mid_batch_size=8",
+            "--batch_size=8", "--width=0.25", "--train_examples=512", "--timed_steps=2", "--untimed_steps=1"]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"^cpu: .*family \S+ model \S+, AVX512_BF16 (yes|no)", out, re.M), out
+    mid = re.search(r"^mid +([\d.]+) ms/step +batch 8, 64 steps/epoch .*pool pgd5,pgd10,pgd20,pgd_l2_5$", out, re.M)
+    trades = re.search(r"^trades +([\d.]+) ms/step +batch 8, 64 steps/epoch .*attack pgd20$", out, re.M)
+    assert mid and trades, out
+    epochs = 18 * float(mid.group(1)) / float(trades.group(1))  # the same steps per epoch here
+    printed = re.search(r"--baseline_epochs=(\d+) \(([\d.]+) epochs of trades; the flags give 30\)", out)
+    assert printed and abs(float(printed.group(2)) - epochs) < 0.02 * epochs + 0.01, out
+    assert int(printed.group(1)) == max(1, round(float(printed.group(2))))
+    too_many = subprocess.run(args + ["--timed_steps=100"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert too_many.returncode == 2 and "error: the training split has 512 images" in too_many.stderr
+    assert "Traceback" not in too_many.stderr
