@@ -43,7 +43,8 @@ def cpu_line() -> str:
                 info.setdefault(key.strip(), value.strip())
     except OSError:
         return "unknown CPU"
-    bf16 = "avx512_bf16" in info.get("flags", "").split()
+    from mid_tf.hardware import cpu_flags
+    bf16 = "avx512_bf16" in cpu_flags()
     return (f"{info.get('model name', 'unknown')}, family {info.get('cpu family', '?')} model {info.get('model', '?')}, "
             f"AVX512_BF16 {'yes' if bf16 else 'no'}, {os.cpu_count()} cores")
 
