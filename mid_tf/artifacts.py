@@ -130,6 +130,27 @@ def record_stage_config(model_dir: str, stage: str, fingerprint: dict) -> None:
     write_json_atomic(os.path.join(stage_dir(model_dir, stage), "config.json"), {FINGERPRINT: fingerprint})
 
 
+def start_train_clock(model_dir: str, stage: str, now: float) -> float | None:
+    """Starts a training run of `stage` at `now` (time.time()); returns the seconds of training its earlier,
+    interrupted runs left in its checkpoints: 0 for a fresh start, None where checkpoints predate the clock.
+
+    Each run records when it started and what came before it (train_clock.json); a run's kept work lasts
+    from its start to its last checkpoint (the manager rewrites ckpt/checkpoint at every save), so the steps
+    a killed run did after its last checkpoint, redone by the next, are counted once."""
+    path, index = (os.path.join(stage_dir(model_dir, stage), n) for n in ("train_clock.json", "ckpt/checkpoint"))
+    before = 0.0
+    if os.path.isfile(index):
+        try:
+            with open(path) as f:
+                clock = json.load(f)
+            before = None if clock["seconds_before"] is None else clock["seconds_before"] + max(
+                0.0, min(os.path.getmtime(index), now) - clock["started_at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            before = None
+    write_json_atomic(path, {"started_at": now, "seconds_before": before})
+    return before
+
+
 def recorded_fingerprint(model_dir: str, stage: str) -> tuple[dict | None, str]:
     """(fingerprint, state): state is "done", "started" (checkpoints, not done) or "new"; the fingerprint
     is None where none was recorded (new, or written before fingerprints existed)."""

@@ -276,6 +276,14 @@ def default(field: str):
     return value
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict (RunConfig.to_json(), or a report's "config") as {dotted field: value}."""
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 def field_type(field: str) -> str:
     """The annotated type of a dotted config field without None: "int", "float", "str", "bool" or "tuple"."""
     cls, parts = RunConfig, field.split(".")

@@ -10,12 +10,12 @@
   regen    the regeneration decoder D_s fitted to the trained E_s on clean and attacked images (training/regen.py);
            E_s and C_s stay as they are. The deployed regeneration is D_s(E_s(x)) (D_t(E_s(x)) without this stage)
   eval     robustness report: every model present, transfer and white-box attacks, known vs unknown
-A completed stage (`<model_dir>/<stage>/done.json`) is loaded, not retrained; an interrupted one
-resumes from its last step checkpoint. Every trained stage goes through one runner (`_run_stage`):
-load or train, score, mark done, freeze. Each records the fingerprint of the configuration it was
-trained with (FINGERPRINT_FIELDS); a rerun asking for another one is refused before anything trains,
-unless `retrain` names the stage (it and the stages built on it are discarded and trained again).
-One process at a time trains in a model_dir (artifacts.lock_model_dir).
+A completed stage (`<model_dir>/<stage>/done.json`) is loaded, not retrained; an interrupted one resumes
+from its last step checkpoint. Every trained stage goes through one runner (`_run_stage`): load or train,
+score, mark done, freeze. Each records the fingerprint of the configuration it was trained with
+(FINGERPRINT_FIELDS); a rerun asking for another one is refused before anything trains, unless `retrain`
+names the stage (it and the stages built on it are discarded and trained again). One process at a time
+trains in a model_dir (artifacts.lock_model_dir).
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ import tensorflow as tf
 
 import mid_tf
 from mid_tf import artifacts
-from mid_tf.config import KNOWN_STAGES, ConfigError, RunConfig
+from mid_tf.config import KNOWN_STAGES, ConfigError, RunConfig, flatten
 from mid_tf.attacks.registry import threat_model, threat_model_for
 from mid_tf.data import FOLDER_DATASETS, DataError, eval_dataset, load_split
 from mid_tf.models import (MIDModels, build_autoencoder, build_models, build_pipeline, build_regenerator,
                            copy_teacher_parts)
 from mid_tf.training import distribute, metrics, precision, stage1
+
 
 class Context:
     """What every stage sees: the config, the data, the networks."""
@@ -195,16 +196,6 @@ FINGERPRINT_FIELDS = {
 }
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def fingerprint(cfg: RunConfig, stage: str) -> dict:
     """{dotted field: value} the weights of `stage` (and of the stages it builds on) depend on, as JSON
     values (tuples become lists, as they read back from done.json)."""
@@ -214,7 +205,7 @@ def fingerprint(cfg: RunConfig, stage: str) -> dict:
     patterns = FINGERPRINT_FIELDS[stage]
     keep = [p for p in patterns if not p.startswith("!")]
     drop = [p[1:] for p in patterns if p.startswith("!")]
-    for field, value in _flatten(cfg.to_json()).items():
+    for field, value in flatten(cfg.to_json()).items():
         if any(fnmatch.fnmatchcase(field, p) for p in keep) and not any(fnmatch.fnmatchcase(field, p) for p in drop):
             fields[field] = value
     return json.loads(json.dumps(fields, sort_keys=True))
@@ -241,8 +232,10 @@ def _run_stage(ctx: Context, name: str) -> dict:
     else:
         recorded = fingerprint(ctx.cfg, name)
         artifacts.record_stage_config(model_dir, name, recorded)
+        before = artifacts.start_train_clock(model_dir, name, t0)  # None: unknown (checkpoints before the clock)
         result = {**_fit_guarded(ctx, name), "train_examples": len(ctx.train_split),
-                  "train_time_s": round(time.time() - t0, 1)}
+                  "train_time_s": round(time.time() - t0 + (before or 0.0), 1),
+                  "earlier_runs_train_time_s": None if before is None else round(before, 1)}
     result.update(stage.score(ctx))
     artifacts.mark_done(model_dir, name, ctx.models, result, recorded)
     if stage.freeze:

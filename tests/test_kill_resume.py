@@ -96,8 +96,13 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_weights(tmp_path, mnist
     assert summary["target"]["resumed_from_step"] == target_step > 0
     assert summary["mid"]["resumed_from_step"] == mid_step > 0
     assert summary["teacher"]["resumed_from_step"] == 0  # never interrupted
+    # The killed runs' training up to their last checkpoints counts in the stage's train time.
+    for stage in ("target", "mid"):
+        assert 0 < summary[stage]["earlier_runs_train_time_s"] < summary[stage]["train_time_s"]
+    assert summary["teacher"]["earlier_runs_train_time_s"] == 0
     with open(os.path.join(reference, "summary.json")) as f:
-        assert all(s["resumed_from_step"] == 0 for s in json.load(f)["stages"].values())
+        ref = json.load(f)["stages"].values()
+        assert all(s["resumed_from_step"] == 0 and s["earlier_runs_train_time_s"] == 0 for s in ref)
     got, want = _weights(killed), _weights(reference)
     assert got.keys() == want.keys() and len(want) > 10
     for name in want:

@@ -125,6 +125,23 @@ def test_started_stage_with_other_settings_is_refused_and_old_done_json_is_accep
     assert "fingerprint" not in artifacts.read_done(str(tmp_path), "target")  # not vouched for afterwards
 
 
+def test_train_clock_counts_each_interrupted_run_up_to_its_last_checkpoint(tmp_path):
+    model_dir, ckpt = str(tmp_path), tmp_path / "target" / "ckpt"
+    assert artifacts.start_train_clock(model_dir, "target", now=1000.0) == 0.0  # fresh: nothing before
+    ckpt.mkdir(parents=True)
+    (ckpt / "checkpoint").write_text("model_checkpoint_path: \"ckpt-8\"\n")
+    os.utime(ckpt / "checkpoint", (1100.0, 1100.0))  # the first run's last checkpoint; killed at 1130 (unseen)
+    assert artifacts.start_train_clock(model_dir, "target", now=2000.0) == 100.0
+    # The second run is killed before its first checkpoint: it kept nothing, the first run's 100 s stay.
+    assert artifacts.start_train_clock(model_dir, "target", now=3000.0) == 100.0
+    os.utime(ckpt / "checkpoint", (3050.0, 3050.0))
+    assert artifacts.start_train_clock(model_dir, "target", now=4000.0) == 150.0
+    # Checkpoints from before the clock existed: the earlier time is unknown, and stays unknown.
+    (tmp_path / "target" / "train_clock.json").unlink()
+    assert artifacts.start_train_clock(model_dir, "target", now=5000.0) is None
+    assert artifacts.start_train_clock(model_dir, "target", now=6000.0) is None
+
+
 def test_a_second_process_on_a_model_dir_fails_fast_and_a_dead_ones_lock_is_taken_over(tmp_path, mnist_data_dir):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from mid_tf import artifacts\n"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+from mid_tf.config import flatten
 from mid_tf.evaluation.writers import threats_of
 
 # Configuration keys that may differ between the seeds of one recipe (dotted: nested keys). `stages` lists what
@@ -25,19 +26,11 @@ VARYING = frozenset({"seed", "model_dir", "data.data_dir", "verbose", "eval_work
 DEFAULT_REGENERATOR = "D_t(E_s(.))"  # what reports from before stage regen regenerated with
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
 def check_same_recipe(reports: list[dict], names: list[str]) -> None:
     """Raises ValueError naming the first key on which a report differs from the first one."""
     if len(reports) < 1:
         raise ValueError("no report given")
-    first = _flatten(reports[0]["config"])
+    first = flatten(reports[0]["config"])
     seeds = [r["seed"] for r in reports]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"the reports repeat a seed ({seeds}): each seed counts once")
@@ -45,7 +38,7 @@ def check_same_recipe(reports: list[dict], names: list[str]) -> None:
         for key in ("dataset", "examples"):
             if report[key] != reports[0][key]:
                 raise ValueError(f"{name}: {key} {report[key]!r} against {reports[0][key]!r} in {names[0]}")
-        other = _flatten(report["config"])
+        other = flatten(report["config"])
         for key in sorted(set(first) | set(other)):
             if key not in VARYING and first.get(key) != other.get(key):
                 raise ValueError(f"{name}: config {key} = {other.get(key)!r} against {first.get(key)!r} in "
