@@ -108,7 +108,7 @@ def main(argv) -> int:
         xla.configure(FLAGS.xla_kernels)
         keras.utils.set_random_seed(cfg.seed)
         models = build_models(d.dataset, width=cfg.width, input_shape=split.images.shape[1:],
-                              num_classes=len(split.class_names or ()) or None)
+                              num_classes=len(split.class_names or ()) or None, decoder_unpool=cfg.decoder_unpool)
         mid_s = time_stage(cfg, "mid", models, split, model_dir, steps)
         base_s = time_stage(cfg, FLAGS.baseline, models, split, model_dir, steps)
     mid_spe, base_spe = steps_per_epoch(split, cfg.mid.batch_size), steps_per_epoch(split, cfg.baseline.batch_size)

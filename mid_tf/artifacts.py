@@ -44,6 +44,8 @@ STAGE_NETWORKS = {
 
 
 FINGERPRINT = "fingerprint"  # the done.json key holding the stage's fingerprint
+# run.json keys written only where they differ from these (a run.json without them holds the default).
+IDENTITY_DEFAULTS = {"decoder_unpool": "switches"}
 
 
 class ArtifactError(RuntimeError):
@@ -227,7 +229,10 @@ def check_run_identity(model_dir: str, identity: dict) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             recorded = json.load(f)
-        diff = {k: (recorded.get(k), v) for k, v in identity.items() if recorded.get(k) != v}
+        keys = {*identity, *IDENTITY_DEFAULTS}
+        diff = {k: (recorded.get(k, IDENTITY_DEFAULTS.get(k)), identity.get(k, IDENTITY_DEFAULTS.get(k)))
+                for k in sorted(keys)}
+        diff = {k: v for k, v in diff.items() if v[0] != v[1]}
         if diff:
             raise ArtifactError(
                 f"--model_dir={model_dir} holds a run with different settings {diff} (recorded, requested). "
@@ -274,7 +279,8 @@ def load_models(model_dir: str, stages=("target", "teacher", "mid"), optional=("
     identity = read_run_identity(model_dir)
     models = build_models(identity["dataset"], width=identity.get("width", 1.0),
                           input_shape=identity.get("input_shape"),
-                          num_classes=len(identity.get("class_names", ())) or None)
+                          num_classes=len(identity.get("class_names", ())) or None,
+                          decoder_unpool=identity.get("decoder_unpool", IDENTITY_DEFAULTS["decoder_unpool"]))
     for stage in stages:
         if not is_done(model_dir, stage):
             raise ArtifactError(f"stage '{stage}' has not completed in {model_dir}; run "

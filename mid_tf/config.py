@@ -20,6 +20,7 @@ STRATEGIES = ("default", "mirrored", "multi_worker")
 ATTACK_SOURCES = ("target", "student")
 STUDENT_INITS = ("random", "teacher")
 KL_REDUCTIONS = ("elementwise_mean", "distribution_mean")
+DECODER_UNPOOLS = ("switches", "nearest")
 # The surrogate (stage surrogate, a transfer source MID never saw) trains with the run's seed + this: its
 # initial weights and its data order differ from the target's, as another team's network would.
 SURROGATE_SEED_OFFSET = 1000
@@ -210,6 +211,7 @@ class RunConfig:
     stages: tuple = ("target", "teacher")
     seed: int = 0
     width: float = 1.0                 # channel multiplier of every network (1 = official)
+    decoder_unpool: str = "switches"   # LeNet's decoder: "switches" (official max-unpooling) | "nearest"
     target: StageTrainConfig = StageTrainConfig(epochs=8)
     teacher: StageTrainConfig = StageTrainConfig(epochs=12)
     surrogate: StageTrainConfig = StageTrainConfig(epochs=8)   # stage surrogate: a plain CNN on clean data
@@ -234,6 +236,7 @@ class RunConfig:
         _check(not unknown and bool(self.stages), "stages",
                f"has unknown stage(s) {unknown}; choose from {', '.join(KNOWN_STAGES)}")
         _check(self.width > 0, "width", f"must be positive, got {self.width}")
+        _one_of(self.decoder_unpool, DECODER_UNPOOLS, "decoder_unpool")
         _check(self.checkpoint_every > 0, "checkpoint_every", f"must be positive, got {self.checkpoint_every}")
         _one_of(self.verbose, (0, 1, 2), "verbose")
         self.target.validate("target")

@@ -348,7 +348,7 @@ def run(cfg: RunConfig, retrain=()) -> dict:
                 print(f"retrain: discarded stage {stage} in {cfg.model_dir}", flush=True)
         keras.utils.set_random_seed(cfg.seed)
         with strategy.scope():  # every network and optimizer is created under the strategy
-            models = build_models(d.dataset, width=cfg.width, input_shape=shape,
+            models = build_models(d.dataset, width=cfg.width, input_shape=shape, decoder_unpool=cfg.decoder_unpool,
                                   num_classes=len(identity.get("class_names", ())) or None,
                                   surrogate_seed=cfg.surrogate_seed)
             results = _run_stages(cfg, Context(cfg, models, None, test_split))
@@ -363,6 +363,8 @@ def run_identity(cfg: RunConfig, test_split) -> tuple[dict, tuple]:
     """run.json's identity (dataset, width, seed; an image folder adds its image shape and class names, which
     the export needs) and the input shape of the networks."""
     identity = {"dataset": cfg.data.dataset, "width": cfg.width, "seed": cfg.seed}
+    if cfg.decoder_unpool != "switches":  # recorded where it is not the default, read back with that default
+        identity["decoder_unpool"] = cfg.decoder_unpool
     shape = tuple(int(v) for v in test_split.images.shape[1:])
     if cfg.data.dataset in FOLDER_DATASETS:
         identity.update(input_shape=list(shape), class_names=list(test_split.class_names))

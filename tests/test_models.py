@@ -86,3 +86,35 @@ def test_switches_carry_no_gradient_and_second_order_gradients_exist():
 def test_unknown_dataset_family():
     with pytest.raises(ValueError, match="no model family"):
         build_models("imagenet")
+
+
+def test_a_nearest_decoder_ignores_the_switches_and_keeps_the_weights_shapes():
+    m, official = build_models("mnist", width=0.25, decoder_unpool="nearest"), build_models("mnist", width=0.25)
+    assert m.decoder_unpool == "nearest" and official.decoder_unpool == "switches"
+    x1, x2 = tf.random.uniform((2, 28, 28, 1)), tf.random.uniform((2, 28, 28, 1))
+    f1, idx1 = encode(m.teacher_encoder, x1)
+    _, idx2 = encode(m.teacher_encoder, x2)
+    for decoder in (m.decoder, m.student_decoder):  # D_t and D_s alike
+        np.testing.assert_array_equal(decode(decoder, f1, idx1), decode(decoder, f1, idx2))
+    # The same weights as the official decoder (checkpoints of either load into the other's shapes) ...
+    assert [w.shape for w in m.decoder.weights] == [w.shape for w in official.decoder.weights]
+    official.decoder.set_weights(m.decoder.get_weights())
+    # ... but another function: each feature fills its whole 2x2 window instead of the max's position.
+    assert float(tf.reduce_max(tf.abs(decode(official.decoder, f1, idx1) - decode(m.decoder, f1, idx1)))) > 1e-3
+    # The pixel term trains the features through it.
+    with tf.GradientTape() as tape:
+        tape.watch(f1)
+        total = tf.reduce_sum(decode(m.decoder, f1, idx1))
+    assert float(tf.reduce_max(tf.abs(tape.gradient(total, f1)))) > 0
+    with pytest.raises(ValueError, match="LeNet family"):
+        build_models("cifar10", width=0.125, decoder_unpool="nearest")
+
+
+def test_a_bfloat16_twin_keeps_the_decoders_unpooling():
+    from mid_tf.training import precision
+    m = build_models("mnist", width=0.25, decoder_unpool="nearest")
+    twin = precision.mixed_twin(m, "mnist", 0.25, "mixed_bfloat16")
+    assert twin.decoder_unpool == "nearest"
+    f, idx = encode(m.teacher_encoder, tf.random.uniform((2, 28, 28, 1)))
+    _, other = encode(m.teacher_encoder, tf.random.uniform((2, 28, 28, 1)))
+    np.testing.assert_array_equal(decode(twin.decoder, f, idx), decode(twin.decoder, f, other))

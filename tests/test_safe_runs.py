@@ -242,3 +242,20 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, where, at, stops_at,
     tf.train.Checkpoint(model=restored, optimizer=restored.optimizer).restore(str(tmp_path / f"ckpt-{good}"))
     np.testing.assert_array_equal(restored.layers[0].kernel.numpy(), poison.snapshots[good])  # intact
     assert all(np.isfinite(v.numpy()).all() for v in restored.optimizer.variables)
+
+
+def test_the_decoders_unpooling_is_fixed_for_a_model_dir_and_reloaded_with_it(tmp_path, mnist_data_dir):
+    model_dir = tmp_path / "nearest"
+    stages.run(_tiny(model_dir, mnist_data_dir, decoder_unpool="nearest"))
+    assert json.loads((model_dir / "run.json").read_text())["decoder_unpool"] == "nearest"
+    models = artifacts.load_models(str(model_dir), stages=("target", "teacher", "mid"))
+    assert models.decoder_unpool == "nearest" and models.student_decoder is not None
+    # Resuming with the default (switches) would load these weights into another decoder: refused, exit 2.
+    proc = _cli(*_cli_args(model_dir, mnist_data_dir), "--stages=target", "--target_epochs=0")
+    assert proc.returncode == 2 and "decoder_unpool" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # A model_dir of the default records nothing new in run.json and still resumes with the default.
+    stages.run(_tiny(tmp_path / "switches", mnist_data_dir))
+    assert "decoder_unpool" not in json.loads((tmp_path / "switches" / "run.json").read_text())
+    stages.run(_tiny(tmp_path / "switches", mnist_data_dir))
+    proc = _cli(*_cli_args(tmp_path / "x", mnist_data_dir), "--stages=target", "--decoder_unpool=bilinear")
+    assert proc.returncode == 2 and "decoder_unpool must be one of switches, nearest" in proc.stderr, proc.stderr

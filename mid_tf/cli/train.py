@@ -39,6 +39,9 @@ seed                       seed                        Random seed: weights, dat
 train_examples             data.train_examples         Use only the first N training examples (default: all).
 eval_examples              data.eval_examples          Use only the first N test examples (default: all).
 width                      width                       Channel multiplier of every network (1 = the official one).
+decoder_unpool             decoder_unpool              LeNet's decoder D_t (and D_s): switches (the official
+    max-unpooling to the encoder's maxima) | nearest (upsampling; the decoder then depends on the features alone,
+    which the pixel term can shape: switches carry no gradient). Fixed for a model_dir, like --width.
 batch_size                 target.batch_size           Training batch size of stage 1, the surrogate and the
     baselines (and of MID unless --mid_batch_size is set).
 target_epochs              target.epochs               Epochs for the target model.
@@ -237,7 +240,7 @@ def build_config() -> config.RunConfig:
                                lr_schedule=F.lr_schedule, attack=F.regen_attack, precision=mid.precision)
     return config.RunConfig(
         model_dir=F.model_dir, data=data, stages=tuple(s.strip() for s in F.stages if s.strip()), seed=F.seed,
-        width=F.width, checkpoint_every=F.checkpoint_every, verbose=F.verbose,
+        width=F.width, decoder_unpool=F.decoder_unpool, checkpoint_every=F.checkpoint_every, verbose=F.verbose,
         target=config.StageTrainConfig(epochs=F.target_epochs, learning_rate=F.target_lr, **common),
         teacher=config.StageTrainConfig(epochs=F.teacher_epochs, learning_rate=F.teacher_lr,
                                         reconstruction_weight=F.reconstruction_weight, **common),

@@ -51,6 +51,7 @@ class MIDModels:
     surrogate: keras.Model | None = None
     # D_s, the deployed regeneration decoder D_s(E_s(x)): a copy of D_t until stage regen trains it.
     student_decoder: keras.Model | None = None
+    decoder_unpool: str = "switches"  # how D_t and D_s unpool (build_models' argument), for twins of these networks
 
 
 def family_for(dataset: str, input_shape=None, num_classes=None):
@@ -70,7 +71,8 @@ def family_for(dataset: str, input_shape=None, num_classes=None):
 
 
 def build_models(dataset: str = "mnist", width: float = 1.0, student_width: float | None = None, *,
-                 input_shape=None, num_classes=None, surrogate_seed: int = 0) -> MIDModels:
+                 input_shape=None, num_classes=None, surrogate_seed: int = 0,
+                 decoder_unpool: str = "switches") -> MIDModels:
     """All MID networks for `dataset` (or, with `input_shape`, for an image folder's images; family_for).
     `width` scales channels (tests use small widths). `surrogate_seed` draws the surrogate's initial
     weights (a run passes RunConfig.surrogate_seed); the other networks draw from the global stream.
@@ -79,11 +81,17 @@ def build_models(dataset: str = "mnist", width: float = 1.0, student_width: floa
     not for LeNet: the classifier and decoder are built for the teacher's feature shape).
     """
     module, shape, classes = family_for(dataset, input_shape, num_classes)
+    decoder_kw = {}
+    if decoder_unpool != "switches":  # LeNet's decoder unpools; the ResNet family's upsamples by strided convs
+        if module is not lenet:
+            raise ValueError(f"decoder_unpool={decoder_unpool!r} is for the LeNet family (28x28x1 images), whose "
+                             "decoder unpools; the ResNet family's decoder has no switches: leave it at 'switches'")
+        decoder_kw["unpool"] = decoder_unpool
     student_width = width if student_width is None else student_width
     models = MIDModels(
         target=module.build_target(shape, classes, width=width, name="target"),
         teacher_encoder=module.build_encoder(shape, width=width, name="teacher_encoder"),
-        decoder=module.build_decoder(shape, width=width, name="teacher_decoder"),
+        decoder=module.build_decoder(shape, width=width, name="teacher_decoder", **decoder_kw),
         classifier=module.build_classifier(shape, classes, width=width, name="teacher_classifier"),
         student_encoder=module.build_encoder(shape, width=student_width, name="student_encoder"),
         student_classifier=module.build_classifier(shape, classes, width=width, name="student_classifier"),
@@ -92,9 +100,10 @@ def build_models(dataset: str = "mnist", width: float = 1.0, student_width: floa
         pgd_at=module.build_target(shape, classes, width=width, name="pgd_at"),
         trades=module.build_target(shape, classes, width=width, name="trades"),
         surrogate=build_surrogate(shape, classes, width=width, seed=surrogate_seed, name="surrogate"),
+        decoder_unpool=decoder_unpool,
     )
     with _global_draws_kept():  # D_s's initial weights are overwritten below: they must not shift later draws
-        models.student_decoder = module.build_decoder(shape, width=width, name="student_decoder")
+        models.student_decoder = module.build_decoder(shape, width=width, name="student_decoder", **decoder_kw)
     copy_teacher_parts(models)
     return models
 

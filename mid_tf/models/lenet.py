@@ -3,6 +3,7 @@
   target      conv32-relu-pool, conv64-relu-pool, fc200-relu, fc10           (x -> logits)
   encoder     the same conv trunk, pools return indices         (x -> {features 7x7x64, indices})
   decoder     unpool(idx2) -> convT 64->32 -> relu -> unpool(idx1) -> convT 32->1, linear output
+              (unpool="nearest": upsampling instead of unpooling, the switches ignored)
   classifier  flatten 3136 -> fc200-relu -> fc10                          (features -> logits)
 The teacher is encoder + decoder + classifier; the MID student encoder has the encoder's
 architecture. `width` scales the conv channels (1 = official; tests use small widths).
@@ -50,15 +51,18 @@ def build_encoder(input_shape=(28, 28, 1), width=1.0, name="encoder") -> keras.M
     return keras.Model(x, {"features": h, "indices": [idx1, idx2]}, name=name)
 
 
-def build_decoder(input_shape=(28, 28, 1), width=1.0, name="decoder") -> keras.Model:
+def build_decoder(input_shape=(28, 28, 1), width=1.0, name="decoder", unpool="switches") -> keras.Model:
+    """`unpool`: "switches" (the official max-unpooling to the encoder's maxima) or "nearest" (upsampling that
+    ignores the switches; the inputs stay, so every caller passes the same three)."""
     c1, c2 = _channels(width)
     h, w, c = input_shape
     f = keras.Input((h // 4, w // 4, c2), name="features")
     idx1 = keras.Input((h, w, c1), name="indices1")  # pool-1 switches (see pooling.py)
     idx2 = keras.Input((h // 2, w // 2, c2), name="indices2")  # pool-2 switches
-    y = MaxUnpool(name="unpool2")(f, idx2)
+    use = {"switches": True, "nearest": False}[unpool]
+    y = MaxUnpool(use, name="unpool2")(f, idx2)
     y = keras.layers.Conv2DTranspose(c1, 3, padding="same", activation="relu", name="deconv2")(y)
-    y = MaxUnpool(name="unpool1")(y, idx1)
+    y = MaxUnpool(use, name="unpool1")(y, idx1)
     y = fast_conv.Conv2DTranspose(c, 3, padding="same", name="deconv1")(y)
     return keras.Model([f, idx1, idx2], y, name=name)
 

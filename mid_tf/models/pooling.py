@@ -84,12 +84,24 @@ class MaxPoolWithIndices(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="mid_tf")
 class MaxUnpool(keras.layers.Layer):
-    """Inverse of `MaxPoolWithIndices`: `[B,h,w,C]` values + switches -> `[B,2h,2w,C]`, zeros elsewhere."""
+    """Inverse of `MaxPoolWithIndices`: `[B,h,w,C]` values + switches -> `[B,2h,2w,C]`, zeros elsewhere.
+
+    `use_switches=False` ignores the switches and upsamples (nearest neighbour): a decoder that depends on its
+    input features alone, whose output every loss can then shape through them (switches carry no gradient)."""
+
+    def __init__(self, use_switches: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.use_switches = use_switches
+
+    def get_config(self):
+        return {**super().get_config(), "use_switches": self.use_switches}
 
     def compute_output_spec(self, x, switches):
         return keras.KerasTensor(switches.shape, dtype=x.dtype)
 
     def call(self, x, switches):
+        if not self.use_switches:
+            return upsample2x(x)
         if xla.enabled():
             return xla.unpool(x, ops.stop_gradient(switches))
         return upsample2x(x) * switches

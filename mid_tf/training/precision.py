@@ -74,7 +74,7 @@ def mixed_twin(models: MIDModels, dataset: str, width: float, precision: str) ->
         return models
     with dtype_policy(precision):
         twin = build_models(dataset, width=width, input_shape=models.input_shape,
-                            num_classes=models.num_classes)
+                            num_classes=models.num_classes, decoder_unpool=models.decoder_unpool)
     for name in ("target", "teacher_encoder", "decoder", "classifier", "student_encoder", "student_classifier",
                  "surrogate", "student_decoder", "pgd_at", "trades"):
         getattr(twin, name).set_weights(getattr(models, name).get_weights())
