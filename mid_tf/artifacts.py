@@ -24,6 +24,7 @@ import tempfile
 
 import keras
 
+from mid_tf.config import DECODER_UNPOOLS
 from mid_tf.data.datasets import KNOWN_DATASETS
 from mid_tf.models import MIDModels, build_models, copy_teacher_parts
 
@@ -256,6 +257,9 @@ def read_run_identity(model_dir: str) -> dict:
     if not isinstance(identity, dict) or identity.get("dataset") not in KNOWN_DATASETS:
         raise ArtifactError(f"{path} names no known dataset (got {json.dumps(identity)[:80]}; expected one of "
                             f"{list(KNOWN_DATASETS)} under \"dataset\"); {fix}")
+    if identity.get("decoder_unpool", IDENTITY_DEFAULTS["decoder_unpool"]) not in DECODER_UNPOOLS:
+        raise ArtifactError(f"{path} names an unknown decoder_unpool {identity['decoder_unpool']!r} (one of "
+                            f"{', '.join(DECODER_UNPOOLS)}); {fix}")
     return identity
 
 

@@ -259,3 +259,7 @@ def test_the_decoders_unpooling_is_fixed_for_a_model_dir_and_reloaded_with_it(tm
     stages.run(_tiny(tmp_path / "switches", mnist_data_dir))
     proc = _cli(*_cli_args(tmp_path / "x", mnist_data_dir), "--stages=target", "--decoder_unpool=bilinear")
     assert proc.returncode == 2 and "decoder_unpool must be one of switches, nearest" in proc.stderr, proc.stderr
+    identity = json.loads((model_dir / "run.json").read_text())
+    (model_dir / "run.json").write_text(json.dumps({**identity, "decoder_unpool": "bilinear"}))
+    with pytest.raises(artifacts.ArtifactError, match="unknown decoder_unpool 'bilinear'"):
+        artifacts.load_models(str(model_dir))
