@@ -36,7 +36,6 @@ def main(argv) -> int:
     if not FLAGS.model_dir or FLAGS.examples < 1:
         return fail("give --model_dir (a run with stages target, teacher and mid done) and --examples >= 1")
     from mid_tf import artifacts
-    from mid_tf.attacks import get_spec
     from mid_tf.attacks.registry import threat_model, threat_model_for
     from mid_tf.data import DataError, load_split
     from mid_tf.evaluation import switches
@@ -50,8 +49,7 @@ def main(argv) -> int:
             return fail(f"{FLAGS.model_dir} is not a LeNet-family run: its decoder has no switches to probe")
         split = load_split(identity["dataset"], "test", FLAGS.data_dir, limit=FLAGS.examples)
         with threat_model(threat_model_for(identity["dataset"], models.input_shape[-1])):
-            get_spec(FLAGS.attack)
-            x = split.images.astype("float32") / (255.0 if split.images.dtype == "uint8" else 1.0)
+            x = split.images.astype("float32") / 255.0  # a Split holds uint8 images
             x_adv = craft(FLAGS.attack, models.target, x, split.labels, seed=FLAGS.seed, progress=False)
     except (artifacts.ArtifactError, DataError, ValueError) as e:
         return fail(e)
