@@ -321,6 +321,7 @@ def test_flagfiles_parse():
              ("configs/mnist_whitebox.flags",): "target,teacher,mid,regen,eval",
              ("configs/mnist_whitebox_encoder.flags",): "target,teacher,mid,regen,eval",
              ("configs/mnist_whitebox_pixel.flags",): "target,teacher,mid,regen,eval",
+             ("configs/mnist_whitebox_nearest.flags",): "target,teacher,mid,eval",
              ("configs/mnist_whitebox.flags", "configs/mnist_headline_eval.flags", "configs/mnist_whitebox_trades.flags"):
                  "target,trades,eval"}
     for flagfiles, stages in cases.items():
@@ -332,7 +333,7 @@ def test_flagfiles_parse():
             "'BATCH', cfg.mid.batch_size, cfg.mid.num_meta_train, 'OVERLAP', cfg.mid.attack_cache_overlap, "
             "'PRECISION', cfg.target.precision, cfg.teacher.precision, cfg.mid.precision, "
             "'WARMUP', cfg.mid.eps_warmup_epochs, 'HEAD', cfg.mid.train_head, 'DIR', cfg.model_dir, "
-            "'PIXEL', cfg.mid.pixel_weight, 'BASELINE', cfg.baseline.attack, cfg.baseline.epochs, cfg.baseline.precision)"
+            "'PIXEL', cfg.mid.pixel_weight, 'BASELINE', cfg.baseline.attack, cfg.baseline.epochs, cfg.baseline.precision, 'UNPOOL', cfg.decoder_unpool)"
             % argv)],
             cwd=repo, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -341,12 +342,15 @@ def test_flagfiles_parse():
             assert "POOL pgd5,pgd10,pgd20,pgd_l2_5 SOURCE student BATCH 128 2" in proc.stdout, proc.stdout
             assert "WARMUP 1.0" in proc.stdout, proc.stdout
             encoder_alone = "encoder" in flagfiles[0]  # --notrain_head overrides the nested flagfile's --train_head
-            suffix = flagfiles[0].split("whitebox", 1)[1].removesuffix(".flags")  # "", _encoder, _pixel
+            suffix = flagfiles[0].split("whitebox", 1)[1].removesuffix(".flags")  # "", _encoder, _pixel, _nearest
             assert f"HEAD {not encoder_alone} DIR runs/mnist_whitebox{suffix} " in proc.stdout, proc.stdout
         else:  # the MID stage's own batch size and meta-train count, the cache crafted while training
             assert "SOURCE target BATCH 128 2 OVERLAP True" in proc.stdout, proc.stdout
-        # only the pixel flagfile turns the pixel consistency on (default 0: the official loss)
-        assert f"PIXEL {1.0 if 'pixel' in flagfiles[0] else 0.0}" in proc.stdout, proc.stdout
+        # only the pixel flagfile and the one nesting it turn the pixel consistency on (default 0: the official loss)
+        pixel = "pixel" in flagfiles[0] or "nearest" in flagfiles[0]
+        assert f"PIXEL {1.0 if pixel else 0.0}" in proc.stdout, proc.stdout
+        # only the nearest flagfile builds D_t without pooling switches
+        assert f"UNPOOL {'nearest' if 'nearest' in flagfiles[0] else 'switches'}" in proc.stdout, proc.stdout
         # --*_precision=auto is resolved for this machine before the config is built
         from mid_tf.training.precision import resolve
         auto = resolve("auto")[0]
